@@ -1,0 +1,39 @@
+"""Every tunable default in one place, each with its unit.
+
+Roles take these as keyword defaults; the command line and GeometryServer
+override them. Durations end in ``_s`` and are converted to milliseconds only
+at a ``poll()`` call.
+"""
+
+from __future__ import annotations
+
+# --- network -----------------------------------------------------------------
+HOST = "127.0.0.1"
+CLIENT_PORT = 5555  # broker ROUTER for clients
+WORKER_PORT = 5556  # broker ROUTER for GPU workers
+SDF_JOB_PORT = 5557  # broker PUSH -> SDF workers
+SDF_RESULT_PORT = 5558  # SDF workers PUSH -> broker PULL
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # ZMQ MAXMSGSIZE and msgpack limit, bytes
+
+# --- liveness ----------------------------------------------------------------
+HEARTBEAT_INTERVAL_S = 1.0  # how often every peer says it is alive
+HEARTBEAT_LIVENESS = 5  # missed intervals before a peer is declared dead
+POLL_INTERVAL_S = 0.25  # upper bound on a loop's sleep in poll()
+RECONNECT_MIN_S = 0.5  # first reconnect back-off of a worker
+RECONNECT_MAX_S = 16.0  # back-off cap
+
+# --- jobs --------------------------------------------------------------------
+MAX_RETRIES = 2  # re-runs of a job whose worker was lost (so 3 attempts at most)
+NO_WORKER_TIMEOUT_S = 30.0  # how long a request waits for a backend with no live worker
+SDF_LEASE_S = 10.0  # an SDF job not seen in any worker heartbeat for this long is re-pushed
+SDF_CONVERT_TIMEOUT_S = 600.0  # a conversion child running longer is killed
+CLIENT_TIMEOUT_S = 60.0  # broker silence after which a client fails its outstanding items
+CLIENT_MAX_IN_FLIGHT = 64  # requests one generate() call keeps outstanding at the broker
+
+# --- inputs ------------------------------------------------------------------
+MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard, pixels (width x height)
+MAX_INPUT_BYTES = 256 * 1024 * 1024  # largest input file a client will send, bytes
+
+# --- conversion --------------------------------------------------------------
+DENSITY_KG_M3 = 500.0  # used when neither mass_kg, density_kg_m3 nor material is given
+SILHOUETTE_HEIGHT_M = 1.0  # height of a silhouette reconstruction when no size is asked

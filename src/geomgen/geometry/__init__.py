@@ -1,0 +1,1 @@
+"""Pure geometry: mesh I/O, repair, decomposition, mass properties, SDF writing. No sockets."""
