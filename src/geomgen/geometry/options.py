@@ -26,6 +26,7 @@ class ConvertOptions:
     with none of them the density defaults to defaults.DENSITY_KG_M3.
     """
 
+    up_axis: str = "y"  # up axis of the input mesh: "y" (glTF) or "z" (many CAD/OBJ/STL files)
     mass_kg: float | None = None
     density_kg_m3: float | None = None
     material: str | None = None  # name in geomgen.geometry.materials
@@ -69,6 +70,8 @@ class ConvertOptions:
             for d in dims:
                 _positive("dimensions", d)
             self.dimensions = [float(d) for d in dims]
+        if self.up_axis not in ("y", "z"):
+            raise InputError(f"up_axis must be 'y' or 'z', got {self.up_axis!r}", code="bad_option")
         if self.collision not in COLLISION_METHODS:
             raise InputError(
                 f"collision must be one of {', '.join(COLLISION_METHODS)}, got {self.collision!r}",
