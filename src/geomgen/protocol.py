@@ -157,6 +157,7 @@ class WorkerReady:
     pid: int = 0
     gpu: str | None = None
     info: dict = field(default_factory=dict)
+    heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S  # the broker expires it by this
 
 
 @dataclass
@@ -230,6 +231,7 @@ class SdfStatus:
     held: list = field(default_factory=list)  # [[job_id, attempt], ...]
     hostname: str = ""
     pid: int = 0
+    heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S  # the broker expires it by this
 
 
 @dataclass
