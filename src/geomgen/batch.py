@@ -1,0 +1,267 @@
+"""A batch's items: GeometryRequest in, GeometryEvent and GeometryResult out.
+
+Also the client-side half of a request's life that needs no socket: checking
+it before anything is sent, and writing what comes back without leaving the
+folders it names.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from geomgen import defaults
+from geomgen.errors import ConvertError, GenerateError, GeomgenError, InputError, TransportError
+from geomgen.geometry.options import ConvertOptions
+
+FINAL = "final"  # GeometryEvent.kind of the one event per item that carries its result
+_CONVERT_FIELDS = (
+    "mass_kg", "density_kg_m3", "material", "mu", "dimensions", "scale", "collision", "collision_params", "hydroelastic",
+)
+ERROR_BY_STAGE = {"input": InputError, "generate": GenerateError, "convert": ConvertError, "transport": TransportError}
+
+
+@dataclass
+class GeometryRequest:
+    """One item of a batch. Field names follow the old geometry server's.
+
+    ``image_path`` is the input file: an image, or a mesh file (GLB, glTF, OBJ,
+    PLY, STL) for the ``mesh`` backend. Outputs go to ``<output_dir>/<stem>.glb``
+    and ``<output_dir>/<stem>/<stem>.sdf`` (with the package's other files),
+    where the stem is ``output_filename`` or, by default, the input's stem.
+    The SDF fields map onto :class:`ConvertOptions` (Drake frame, SI units);
+    ``convert_options`` passes any other ConvertOptions field.
+    """
+
+    image_path: str | os.PathLike
+    output_dir: str | os.PathLike
+    prompt: str | None = None
+    debug_folder: str | os.PathLike | None = None
+    output_filename: str | None = None
+    backend: str = "auto"
+    sam3d_config: dict | None = None
+    scene_id: str | None = None
+    backend_options: dict = field(default_factory=dict)
+    mass_kg: float | None = None
+    density_kg_m3: float | None = None
+    material: str | None = None
+    mu: float | None = None
+    dimensions: list[float] | None = None  # target bounding box x, y, z in metres (+Z up)
+    scale: float | None = None
+    collision: str = "coacd"
+    collision_params: dict = field(default_factory=dict)
+    hydroelastic: bool = False
+    convert_options: dict = field(default_factory=dict)
+    want_sdf: bool = True
+    no_worker_timeout_s: float | None = None  # broker's wait for a live worker; None: the broker's default
+
+    def convert_dict(self) -> dict[str, Any]:
+        """The validated ConvertOptions of this request as a wire dict; raises InputError."""
+        if not isinstance(self.convert_options, dict):
+            raise InputError("convert_options must be a map of ConvertOptions fields", code="bad_option")
+        data = dict(self.convert_options)
+        default = ConvertOptions()
+        for name in _CONVERT_FIELDS:
+            value = getattr(self, name)
+            if value == getattr(default, name):
+                continue
+            if name in data and data[name] != value:
+                raise InputError(f"{name} is given twice with different values (field and convert_options)",
+                                 code="bad_option")
+            data[name] = list(value) if name == "dimensions" and isinstance(value, tuple) else value
+        return ConvertOptions.from_dict(data).to_dict()
+
+
+@dataclass
+class GeometryResult:
+    """The one result of one request: local paths on success, stage and message on failure.
+
+    ``timings`` holds the broker's seconds (queue_wait_s, generate_s, convert_s,
+    total_s) plus ``client_s``, send to result as this client saw it.
+    """
+
+    index: int
+    request: Any
+    ok: bool
+    glb_path: Path | None = None
+    sdf_path: Path | None = None
+    package_dir: Path | None = None
+    stage: str | None = None  # input | generate | convert | transport
+    error_code: str | None = None
+    error: str | None = None
+    timings: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    backend: str = ""
+    attempts: int = 0
+
+    def raise_for_error(self) -> "GeometryResult":
+        """Return self if ok, else raise the geomgen error of its stage."""
+        if self.ok:
+            return self
+        cls = ERROR_BY_STAGE.get(self.stage or "", GeomgenError)
+        raise cls(self.error or "the request failed", code=self.error_code, stage=self.stage or None)
+
+
+@dataclass
+class GeometryEvent:
+    """News about one item: an EventKind value (queued, generating, progress,
+    glb_ready, converting, retrying), or ``final`` with ``result`` set."""
+
+    index: int
+    kind: str
+    attempt: int = 1
+    detail: str = ""
+    glb_path: Path | None = None  # with glb_ready: the GLB, already written
+    worker: str = ""
+    timings: dict = field(default_factory=dict)
+    result: GeometryResult | None = None
+
+
+def final_event(result: GeometryResult) -> GeometryEvent:
+    """The ``final`` event that carries ``result``."""
+    return GeometryEvent(result.index, FINAL, result.attempts or 1, result=result, timings=result.timings)
+
+
+def failure(index: int, request: Any, exc: GeomgenError) -> GeometryResult:
+    """A failed GeometryResult carrying ``exc``'s stage, code and message."""
+    backend = getattr(request, "backend", "")
+    return GeometryResult(index=index, request=request, ok=False, stage=exc.stage.value, error_code=exc.code,
+                          error=exc.message, backend=backend if isinstance(backend, str) else "")
+
+
+def input_kind(backend: str) -> str | None:
+    """What a backend registered here takes ("image" or "mesh"); None if unknown here
+    (a plug-in registered only at the broker's side)."""
+    from geomgen.backends import backend_names, load_backend_class
+
+    if backend not in backend_names():
+        return None
+    try:
+        return load_backend_class(backend).input_kind
+    except GeomgenError:
+        return None
+
+
+def read_input(path: Path) -> bytes:
+    """The bytes of an input file, at most defaults.MAX_INPUT_BYTES; raises InputError."""
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise InputError(f"input {path} is not a file", code="unreadable")
+        if size == 0:
+            raise InputError(f"input file {path} is empty", code="empty_input")
+        if size > defaults.MAX_INPUT_BYTES:
+            raise InputError(f"input file {path} is {size / 2**20:.0f} MiB, over the "
+                             f"{defaults.MAX_INPUT_BYTES / 2**20:.0f} MiB limit", code="too_large")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"input file {path} does not exist", code="missing_file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read input file {path}: {exc.strerror or exc}", code="unreadable") from None
+
+
+def output_stem(name: Any, input_path: Path) -> str:
+    """The output stem: ``name`` (a trailing .glb dropped) or the input's stem; never a path."""
+    stem = input_path.stem if name is None else name
+    if isinstance(stem, str) and stem.lower().endswith(".glb"):
+        stem = stem[:-4]
+    if (not isinstance(stem, str) or not stem.strip() or stem in (".", "..") or len(stem) > 200
+            or any(c in "/\\" or ord(c) < 32 for c in stem)):
+        raise InputError(f"output_filename {name!r} must be a plain file stem: no '/', '\\', '..' or control "
+                         "characters, so the outputs stay inside output_dir", code="bad_output_filename")
+    return stem
+
+
+def writable_dir(value: Any, field_name: str) -> Path:
+    """Create the folder if needed and prove it writable with a scratch file; raises InputError."""
+    if value is None or str(value) == "":
+        raise InputError(f"{field_name} is required", code="bad_output_dir")
+    path = Path(value).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise InputError(f"{field_name} {path} cannot be written ({exc.strerror or exc}); "
+                         "choose a folder you can write to", code="bad_output_dir") from None
+    return path
+
+
+def write_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    # Write beside and rename, so a reader never sees half a file.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_package(root: Path, files: dict) -> dict[str, Path]:
+    """Write ``files`` (relative POSIX path -> bytes) under ``root``; refuse paths leaving it."""
+    targets = {}
+    base = root.resolve()
+    for rel in files:
+        parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+        target = (root / rel).resolve() if parts else base
+        if (not parts or rel.startswith("/") or "\\" in rel or ".." in parts or "\0" in rel
+                or not isinstance(files[rel], (bytes, bytearray)) or base not in target.parents):
+            raise TransportError(f"the broker sent a file path that would leave {root}: {rel!r}; nothing was written",
+                                 code="unsafe_path")
+        targets[rel] = root / rel
+    for rel, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_file(target, bytes(files[rel]))
+    return targets
+
+
+@dataclass
+class CheckedRequest:
+    """A request that passed the client-side checks, with its input read."""
+
+    path: Path
+    data: bytes
+    kind: str  # "image" or "mesh", from the bytes
+    stem: str
+    output_dir: Path
+    convert: dict  # ConvertOptions as a wire dict
+
+
+def check_request(index: int, request: Any) -> CheckedRequest:
+    """Check a request's fields, folders and input file before anything is sent.
+
+    Raises InputError naming the field or file: bad types, conversion options
+    out of range, an output_filename leaving output_dir, folders that cannot be
+    written, a missing, unreadable, empty, oversized or unrecognised input.
+    """
+    if not isinstance(request, GeometryRequest):
+        raise InputError(f"item {index} is a {type(request).__name__}, not a GeometryRequest", code="bad_request")
+    for name in ("prompt", "scene_id"):
+        if not isinstance(getattr(request, name), (str, type(None))):
+            raise InputError(f"{name} must be a string or None", code="bad_request")
+    if not isinstance(request.backend_options, dict):
+        raise InputError("backend_options must be a map of option -> value", code="bad_request")
+    if not isinstance(request.sam3d_config, (dict, type(None))):
+        raise InputError("sam3d_config must be a map or None", code="bad_request")
+    if not isinstance(request.want_sdf, bool):
+        raise InputError("want_sdf must be true or false", code="bad_request")
+    timeout_s = request.no_worker_timeout_s
+    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
+                                  or timeout_s <= 0):
+        raise InputError(f"no_worker_timeout_s must be a number > 0, got {timeout_s!r}", code="bad_request")
+    convert = request.convert_dict()
+    path = Path(request.image_path).expanduser()
+    stem = output_stem(request.output_filename, path)
+    output_dir = writable_dir(request.output_dir, "output_dir")
+    if request.debug_folder is not None:
+        writable_dir(request.debug_folder, "debug_folder")
+    data = read_input(path)
+    from geomgen.inputs import sniff_kind
+
+    return CheckedRequest(path, data, sniff_kind(path.name, data), stem, output_dir, convert)

@@ -1,0 +1,354 @@
+"""The Python client: batches of GeometryRequests to a broker, results streamed back.
+
+It reads each input file and sends its bytes; it writes what comes back (the
+GLB, the SDF package, debug files) under the request's folders. One DEALER
+socket, not thread-safe: use one GeometryClient per thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import zmq
+
+from geomgen import defaults, protocol
+from geomgen.endpoints import parse_broker
+from geomgen.batch import (
+    ERROR_BY_STAGE,
+    FINAL,
+    GeometryEvent,
+    GeometryRequest,
+    GeometryResult,
+    check_request,
+    failure,
+    final_event,
+    input_kind,
+    write_file,
+    write_package,
+)
+from geomgen.errors import GeomgenError, InputError, ProtocolError, TransportError
+from geomgen.protocol import Command, EventKind
+
+__all__ = ["GeometryClient", "GeometryEvent", "GeometryRequest", "GeometryResult", "FINAL"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Item:
+    index: int
+    request: GeometryRequest
+    request_id: str
+    output_dir: Path
+    stem: str
+    backend: str
+    frames: list[bytes]
+    sent_at: float = 0.0
+    glb_path: Path | None = None
+
+
+class GeometryClient:
+    """Client of one broker.
+
+    Args:
+        address: the broker's client endpoint: ``tcp://HOST:PORT``, ``HOST:PORT`` or ``HOST``.
+        timeout_s: broker silence after which outstanding items fail (stage transport).
+        max_in_flight: requests one generate() call keeps outstanding at the broker.
+        heartbeat_interval_s: how often a waiting client heartbeats the broker.
+    """
+
+    def __init__(
+        self,
+        address: str = "tcp://127.0.0.1:5555",
+        timeout_s: float = defaults.CLIENT_TIMEOUT_S,
+        max_in_flight: int = defaults.CLIENT_MAX_IN_FLIGHT,
+        heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+    ) -> None:
+        if timeout_s <= 0 or max_in_flight < 1 or heartbeat_interval_s <= 0:
+            raise ValueError("timeout_s and heartbeat_interval_s must be > 0 and max_in_flight >= 1")
+        self.address = parse_broker(address).client
+        self.timeout_s = float(timeout_s)
+        self.max_in_flight = int(max_in_flight)
+        self.heartbeat_interval_s = float(heartbeat_interval_s)
+        # The broker keys requests by (identity, request_id): one identity for the
+        # client's life lets a re-sent request be recognised after a reconnect.
+        self.identity = b"client-" + uuid.uuid4().hex.encode()
+        self._context = zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self._inbox: collections.deque = collections.deque()  # messages read by health() for generate()
+        self._auto_backend: str | GeomgenError | None = None  # backend=auto for images, per generate() call
+        self._connect()
+
+    # --- connection -------------------------------------------------------------
+
+    def _connect(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        self._socket = sock
+
+    def _reconnect(self) -> None:
+        # After a silence, drop what still sits in the socket's queue so a broker
+        # that comes back does not run requests nobody waits for.
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        self._inbox.clear()
+        self._connect()
+
+    def close(self) -> None:
+        """Close the socket; the client cannot be used afterwards."""
+        if self._socket is not None:
+            self._socket.close(linger=0)
+            self._socket = None
+        if not self._context.closed:
+            self._context.term()
+
+    def __enter__(self) -> "GeometryClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, message: Any) -> bool:
+        """Send without blocking; False if the queue towards the broker is full."""
+        return self._send_frames(protocol.encode(message))
+
+    def _send_frames(self, frames: list[bytes]) -> bool:
+        if self._socket is None:
+            raise TransportError("this GeometryClient is closed", code="closed")
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _receive(self, timeout_s: float) -> tuple[Command, Any] | None:
+        """One decoded message from the broker, or None after ``timeout_s``."""
+        if self._inbox:
+            return self._inbox.popleft()
+        assert self._socket is not None
+        if not self._socket.poll(max(0, int(timeout_s * 1000))):
+            return None
+        frames = self._socket.recv_multipart()
+        try:
+            return protocol.decode(frames, protocol.BROKER_TO_CLIENT)
+        except ProtocolError as exc:
+            log.warning("dropped a message from the broker: %s", exc)
+            return None
+
+    def _silence(self, seconds: float) -> str:
+        return f"no answer from the broker at {self.address} for {seconds:.0f} s; is `geomgen broker` running?"
+
+    # --- health ---------------------------------------------------------------------
+
+    def health(self, timeout_s: float | None = None) -> dict:
+        """The broker's statistics (docs/protocol.md, Health); TransportError after ``timeout_s``."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        if not self._send(protocol.HealthQuery()):
+            raise TransportError(self._silence(timeout_s), code="timeout")
+        deadline = time.monotonic() + timeout_s
+        assert self._socket is not None
+        while True:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                self._reconnect()
+                raise TransportError(self._silence(timeout_s), code="timeout")
+            if not self._socket.poll(max(1, int(remaining_s * 1000))):
+                continue
+            try:
+                command, message = protocol.decode(self._socket.recv_multipart(), protocol.BROKER_TO_CLIENT)
+            except ProtocolError as exc:
+                log.warning("dropped a message from the broker: %s", exc)
+                continue
+            if command == Command.HEALTH:
+                return dict(message.stats)
+            self._inbox.append((command, message))  # news for a generate() in progress
+
+    # --- generate ---------------------------------------------------------------------
+
+    def generate(self, requests: Iterable[GeometryRequest]) -> Iterator[tuple[int, GeometryResult]]:
+        """Yield ``(index, result)`` for every request, in completion order."""
+        for event in self.generate_events(requests):
+            if event.kind == FINAL:
+                assert event.result is not None
+                yield event.index, event.result
+
+    generate_geometries = generate  # the old client's name
+
+    def generate_events(self, requests: Iterable[GeometryRequest]) -> Iterator[GeometryEvent]:
+        """Yield every GeometryEvent of the batch; exactly one ``final`` per request.
+
+        Items failing client-side checks get their final event (stage input)
+        without being sent. Leaving the loop early cancels what is outstanding.
+        """
+        requests = list(requests)
+        call_id = uuid.uuid4().hex[:8]
+        self._auto_backend = None
+        outstanding: dict[str, _Item] = {}
+        finished: set[str] = set()
+        next_index = 0
+        last_heard = next_beat = time.monotonic()
+        try:
+            while next_index < len(requests) or outstanding:
+                while next_index < len(requests) and len(outstanding) < self.max_in_flight:
+                    index, next_index = next_index, next_index + 1
+                    try:
+                        item = self._prepare(index, requests[index], f"{call_id}-{index}")
+                        if not self._send_frames(item.frames):
+                            raise TransportError(f"the queue towards the broker at {self.address} is full",
+                                                 code="queue_full")
+                    except GeomgenError as exc:
+                        yield final_event(failure(index, requests[index], exc))
+                        continue
+                    if not outstanding:
+                        last_heard = time.monotonic()  # the silence clock runs only while waiting
+                    item.sent_at = time.monotonic()
+                    outstanding[item.request_id] = item
+                if not outstanding:
+                    continue
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._send(protocol.ClientHeartbeat(request_ids=list(outstanding)))
+                    next_beat = now + self.heartbeat_interval_s
+                if now - last_heard >= self.timeout_s:
+                    error = TransportError(self._silence(self.timeout_s), code="timeout")
+                    for item in outstanding.values():
+                        yield final_event(failure(item.index, item.request, error))
+                    outstanding.clear()
+                    for index in range(next_index, len(requests)):
+                        yield final_event(failure(index, requests[index], error))
+                    next_index = len(requests)
+                    self._reconnect()
+                    break
+                received = self._receive(min(next_beat, last_heard + self.timeout_s) - now)
+                if received is None:
+                    continue
+                last_heard = time.monotonic()
+                yield from self._handle(*received, outstanding, finished)
+        finally:
+            if outstanding and self._socket is not None:
+                self._send(protocol.Cancel(request_ids=list(outstanding)))
+
+    def _handle(self, command: Command, message: Any, outstanding: dict[str, _Item],
+                finished: set[str]) -> Iterator[GeometryEvent]:
+        if command == Command.HEARTBEAT:
+            for request_id in message.unknown:
+                item = outstanding.get(request_id)
+                if item is not None:  # the broker restarted and lost it
+                    log.info("broker %s does not know request %s; sending it again", message.broker_id, request_id)
+                    self._send_frames(item.frames)
+        elif command == Command.PARTIAL:
+            item = outstanding.get(message.request_id)
+            if item is None:
+                return
+            event = GeometryEvent(item.index, message.event, message.attempt, message.detail,
+                                  worker=message.worker, timings=dict(message.timings))
+            if message.event == EventKind.GLB_READY.value and message.glb is not None:
+                try:
+                    item.glb_path = write_file(item.output_dir / f"{item.stem}.glb", message.glb)
+                except OSError as exc:
+                    del outstanding[item.request_id]
+                    finished.add(item.request_id)
+                    self._send(protocol.Cancel(request_ids=[item.request_id]))
+                    error = InputError(f"cannot write the GLB into {item.output_dir}: {exc}", code="write_failed")
+                    yield final_event(failure(item.index, item.request, error))
+                    return
+                event.glb_path = item.glb_path
+            yield event
+        elif command == Command.FINAL:
+            if message.request_id in finished:
+                log.debug("dropped a second result for %s", message.request_id)
+                return
+            item = outstanding.pop(message.request_id, None)
+            if item is None:
+                return  # a result for an earlier, abandoned batch
+            finished.add(message.request_id)
+            yield final_event(self._finish(item, message))
+
+    def _finish(self, item: _Item, message: protocol.Result) -> GeometryResult:
+        """Write the result's files and build the GeometryResult."""
+        info = dict(message.info)
+        debug_files = info.pop("debug_files", None)
+        result = GeometryResult(
+            index=item.index, request=item.request, ok=message.ok, glb_path=item.glb_path,
+            timings={**message.timings, "client_s": time.monotonic() - item.sent_at}, info=info,
+            backend=message.backend or item.backend, attempts=message.attempts,
+        )
+        try:
+            if isinstance(debug_files, dict) and debug_files and item.request.debug_folder is not None:
+                write_package(Path(item.request.debug_folder), debug_files)
+            if not message.ok:
+                error = message.error or {}
+                raise ERROR_BY_STAGE.get(error.get("stage"), TransportError)(
+                    str(error.get("message") or "the broker reported a failure without a message"),
+                    code=str(error.get("code") or "failed"), stage=error.get("stage") or "transport",
+                )
+            if result.glb_path is None:
+                raise TransportError("the broker reported success but never sent the GLB", code="missing_output")
+            if item.request.want_sdf:
+                if not message.sdf_file or message.sdf_file not in message.files:
+                    raise TransportError("the broker reported success but sent no SDF file", code="missing_output")
+                written = write_package(item.output_dir, message.files)
+                result.sdf_path = written[message.sdf_file]
+                result.package_dir = result.sdf_path.parent
+        except GeomgenError as exc:
+            result.ok, result.stage, result.error_code, result.error = False, exc.stage.value, exc.code, exc.message
+        except OSError as exc:
+            result.ok, result.stage, result.error_code = False, "input", "write_failed"
+            result.error = f"cannot write the SDF package into {item.output_dir}: {exc}"
+        return result
+
+    # --- client-side checks -------------------------------------------------------
+
+    def _prepare(self, index: int, request: GeometryRequest, request_id: str) -> _Item:
+        """Check one request and build its REQUEST frames; raises InputError or TransportError."""
+        checked = check_request(index, request)
+        backend = self._choose_backend(request.backend, checked.kind, checked.path)
+        timeout_s = request.no_worker_timeout_s
+        message = protocol.ClientRequest(
+            request_id=request_id, backend=backend, input_name=checked.path.name, input_data=checked.data,
+            output_name=checked.stem, prompt=request.prompt, scene_id=request.scene_id,
+            backend_options=dict(request.backend_options), sam3d_config=request.sam3d_config,
+            convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
+            no_worker_timeout_s=None if timeout_s is None else float(timeout_s),
+        )
+        return _Item(index, request, request_id, checked.output_dir, checked.stem, backend,
+                     protocol.encode(message))
+
+    def _choose_backend(self, backend: Any, kind: str, path: Path) -> str:
+        if not isinstance(backend, str) or not backend:
+            raise InputError(f"backend must be a name such as 'auto', got {backend!r}", code="bad_request")
+        if backend == "auto":
+            return "mesh" if kind == "mesh" else self._auto_image_backend()
+        expected = input_kind(backend)
+        if expected is not None and expected != kind:
+            raise InputError(
+                f"backend {backend!r} takes {expected} files but {path.name} is {'an' if kind == 'image' else 'a'} "
+                f"{kind}; use backend 'auto' or {'mesh' if kind == 'mesh' else 'an image backend'}",
+                code="wrong_input_kind",
+            )
+        return backend
+
+    def _auto_image_backend(self) -> str:
+        """The first GPU backend with a live worker at the broker, else silhouette (once per call)."""
+        if self._auto_backend is None:
+            from geomgen.backends import GPU_BACKENDS
+
+            try:
+                alive = self.health().get("backends", {})
+                self._auto_backend = next(
+                    (name for name in GPU_BACKENDS if alive.get(name, {}).get("alive", 0) > 0), "silhouette"
+                )
+            except GeomgenError as exc:
+                self._auto_backend = exc
+        if isinstance(self._auto_backend, GeomgenError):
+            raise self._auto_backend
+        return self._auto_backend
