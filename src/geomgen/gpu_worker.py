@@ -1,0 +1,513 @@
+"""The GPU worker process: one backend on one GPU, serving jobs from the broker.
+
+It loads its backend once, announces itself with READY, runs one job at a time
+in a thread beside its socket loop (so heartbeats flow during inference), and
+reconnects with back-off when the broker goes silent or disowns it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from geomgen import __version__, defaults, protocol
+from geomgen.backends import load_backend_class
+from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
+from geomgen.endpoints import Endpoints
+from geomgen.errors import BackendUnavailable, GeomgenError, InputError, ProtocolError, Stage, UnknownBackend
+
+log = logging.getLogger("geomgen.gpu_worker")
+
+SHUTDOWN_GRACE_S = 5.0  # how long a stopping worker lets its running job finish
+MAX_PROGRESS_CHARS = 500  # a progress detail longer than this is cut
+
+# Tags of the internal job-thread -> loop messages (not wire commands).
+_PROGRESS = b"P"
+_FINAL = b"F"
+
+
+@dataclass
+class _RunningJob:
+    job_id: str
+    attempt: int
+    thread: threading.Thread
+    started_s: float  # time.monotonic() at start
+
+
+class _JobChannel:
+    """The job side of the inproc PAIR. A lock serialises sends because a
+    backend may report progress from threads of its own; after the final
+    result, further progress of that job is dropped."""
+
+    def __init__(self, sock: zmq.Socket):
+        self._socket = sock
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, tag: bytes, frames: list[bytes]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._socket.send_multipart([tag, *frames], copy=False)
+            except zmq.ZMQError as exc:  # the worker is closing under an abandoned job
+                log.debug("job channel send dropped: %s", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._socket.close(linger=0)
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    """The {stage, code, message} a job failure reports: a GeomgenError keeps its
+    own; anything else is a generate-stage ``generate_failed`` naming the type."""
+    if isinstance(exc, GeomgenError):
+        return exc.to_dict()
+    text = str(exc) or "(no message)"
+    return protocol.error_dict(
+        Stage.GENERATE,
+        "generate_failed",
+        f"the backend raised {type(exc).__name__}: {text}",
+    )
+
+
+class GpuWorker:
+    """Serves jobs for one loaded backend over a DEALER connected to the broker.
+
+    Drive it with ``run(stop_event)`` or, in tests, ``run_once(timeout_s)``;
+    ``close()`` releases sockets and the backend.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        backend_name: str,
+        endpoints: Endpoints,
+        *,
+        gpu: str | None = None,
+        heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+        heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS,
+        reconnect_min_s: float = defaults.RECONNECT_MIN_S,
+        reconnect_max_s: float = defaults.RECONNECT_MAX_S,
+        worker_id: str | None = None,
+    ):
+        self.backend = backend
+        self.backend_name = backend_name
+        self.endpoints = endpoints
+        self.gpu = gpu
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_liveness = heartbeat_liveness
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.completed = 0
+        self.failed = 0
+        self.connections = 0  # how many times READY was sent
+
+        self._ctx = zmq.Context()
+        self._pipe = self._ctx.socket(zmq.PAIR)
+        self._pipe.setsockopt(zmq.LINGER, 0)
+        pipe_address = f"inproc://geomgen-job-{uuid.uuid4().hex}"
+        self._pipe.bind(pipe_address)
+        job_end = self._ctx.socket(zmq.PAIR)
+        job_end.setsockopt(zmq.LINGER, 0)
+        job_end.connect(pipe_address)
+        self._channel = _JobChannel(job_end)
+        self._poller = zmq.Poller()
+        self._poller.register(self._pipe, zmq.POLLIN)
+
+        self._socket: zmq.Socket | None = None
+        self._job: _RunningJob | None = None
+        self._outbox: list[list[bytes]] = []  # FINALs finished while disconnected
+        self._reconnect_at_s = 0.0  # connect on the first run_once
+        self._backoff_s = reconnect_min_s
+        self._heard_s = 0.0
+        self._next_heartbeat_s = 0.0
+        self._closed = False
+
+    # --- the loop -------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    @property
+    def connected(self) -> bool:
+        return self._socket is not None
+
+    def run(self, stop_event: threading.Event, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Serve until ``stop_event`` is set, then shut down warmly: a running
+        job gets up to ``grace_s`` to finish and report, then DISCONNECT."""
+        while not stop_event.is_set():
+            self.run_once(defaults.POLL_INTERVAL_S)
+        self.stop(grace_s)
+
+    def run_once(self, timeout_s: float) -> None:
+        """One turn of the loop: poll at most ``timeout_s``, handle what is
+        readable, then heartbeat and check the broker's liveness."""
+        now_s = time.monotonic()
+        if self._socket is None and now_s >= self._reconnect_at_s:
+            self._connect()
+        wait_s = min(timeout_s, self._next_timer_s() - now_s)
+        events = dict(self._poller.poll(math.ceil(max(0.0, wait_s) * 1000.0)))  # ms, rounded up: no spin
+        if self._pipe in events:
+            self._handle_pipe()
+        if self._socket is not None and self._socket in events:
+            self._handle_broker()
+        self._heartbeat_and_expire()
+
+    def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Let a running job finish within ``grace_s`` (heartbeats go on and new
+        REQUESTs are refused as busy), then tell the broker we leave."""
+        deadline_s = time.monotonic() + grace_s
+        if self._job is not None:
+            log.info("stopping: waiting up to %.1f s for job %s", grace_s, self._job.job_id)
+        while self._job is not None and time.monotonic() < deadline_s:
+            self.run_once(min(defaults.POLL_INTERVAL_S, max(0.0, deadline_s - time.monotonic())))
+        if self._job is not None:
+            log.warning("abandoning job %s after the %.1f s grace period", self._job.job_id, grace_s)
+        if self._socket is not None:
+            self._send(protocol.encode(protocol.Disconnect(reason="shutdown", worker_id=self.worker_id)))
+
+    def close(self) -> None:
+        """Close sockets and release the backend (unless a job still uses it)."""
+        if self._closed:
+            return
+        self._closed = True
+        abandoned = self._job is not None
+        self._channel.close()
+        self._pipe.close(linger=0)
+        if self._socket is not None:
+            # A short linger lets a final DISCONNECT or result reach the broker.
+            self._socket.close(linger=1000)
+            self._socket = None
+        self._ctx.term()
+        if not abandoned:
+            self.backend.close()
+
+    def __enter__(self) -> "GpuWorker":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- connection -----------------------------------------------------------
+
+    def _next_timer_s(self) -> float:
+        if self._socket is None:
+            return self._reconnect_at_s
+        return min(self._next_heartbeat_s, self._heard_s + self._liveness_s())
+
+    def _liveness_s(self) -> float:
+        return self.heartbeat_liveness * self.heartbeat_interval_s
+
+    def _connect(self) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
+        sock.connect(self.endpoints.worker)
+        self._socket = sock
+        self._poller.register(sock, zmq.POLLIN)
+        info = {
+            "version": __version__,
+            "input_kind": self.backend.input_kind,
+            "uses_gpu": self.backend.uses_gpu,
+        }
+        if self._job is not None:
+            # Re-announced mid-job: tell the broker so it does not route to us yet.
+            info["running_job"] = [self._job.job_id, self._job.attempt]
+        ready = protocol.WorkerReady(
+            worker_id=self.worker_id,
+            backend=self.backend_name,
+            hostname=socket.gethostname(),
+            pid=os.getpid(),
+            gpu=self.gpu,
+            info=info,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+        )
+        self._send(protocol.encode(ready))
+        self.connections += 1
+        log.info("READY sent to %s as %s (backend %s)", self.endpoints.worker, self.worker_id, self.backend_name)
+        outbox, self._outbox = self._outbox, []
+        for frames in outbox:
+            self._send(frames, keep=True)
+        now_s = time.monotonic()
+        self._heard_s = now_s
+        self._next_heartbeat_s = now_s + self.heartbeat_interval_s
+
+    def _disconnect(self, why: str) -> None:
+        if self._socket is None:
+            return
+        self._poller.unregister(self._socket)
+        self._socket.close(linger=0)
+        self._socket = None
+        self._reconnect_at_s = time.monotonic() + self._backoff_s
+        log.warning("%s; reconnecting in %.1f s", why, self._backoff_s)
+        self._backoff_s = min(self._backoff_s * 2.0, self.reconnect_max_s)
+
+    def _send(self, frames: list[bytes], keep: bool = False) -> None:
+        """Send to the broker; a FINAL (``keep``) waits in the outbox when the
+        broker cannot take it now, anything else is dropped."""
+        if self._socket is None:
+            if keep:
+                self._outbox.append(frames)
+            return
+        try:
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if keep:
+                self._outbox.append(frames)
+
+    def _heartbeat_and_expire(self) -> None:
+        if self._socket is None:
+            return
+        now_s = time.monotonic()
+        if now_s - self._heard_s > self._liveness_s():
+            self._disconnect(f"broker silent for {now_s - self._heard_s:.1f} s")
+            return
+        if now_s >= self._next_heartbeat_s:
+            job = self._job
+            beat = protocol.WorkerHeartbeat(
+                worker_id=self.worker_id,
+                job_id=job.job_id if job else None,
+                attempt=job.attempt if job else 0,
+            )
+            self._send(protocol.encode(beat))
+            self._next_heartbeat_s = now_s + self.heartbeat_interval_s
+
+    # --- messages from the broker -------------------------------------------------
+
+    def _handle_broker(self) -> None:
+        while self._socket is not None:
+            try:
+                frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            self._heard_s = time.monotonic()
+            self._backoff_s = self.reconnect_min_s
+            try:
+                command, message = protocol.decode(frames, protocol.BROKER_TO_WORKER)
+            except ProtocolError as exc:
+                log.warning("dropped a message from the broker: %s", exc)
+                continue
+            if command is protocol.Command.REQUEST:
+                self._accept(message)
+            elif command is protocol.Command.DISCONNECT:
+                self._disconnect(f"the broker disconnected us ({message.reason or 'no reason given'})")
+            # HEARTBEAT: hearing it was the point.
+
+    def _accept(self, job: protocol.Job) -> None:
+        if job.backend != self.backend_name:
+            self._refuse(job, Stage.INPUT, "unknown_backend",
+                         f"this worker serves backend {self.backend_name!r}, not {job.backend!r}")
+            return
+        if self._job is not None:
+            self._refuse(job, Stage.TRANSPORT, "busy",
+                         f"worker {self.worker_id} is busy with job {self._job.job_id}; send it elsewhere")
+            return
+        thread = threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.job_id}", daemon=True)
+        self._job = _RunningJob(job.job_id, job.attempt, thread, time.monotonic())
+        log.info("job %s attempt %d started (%s, %d bytes)", job.job_id, job.attempt, job.input_name,
+                 len(job.input_data))
+        thread.start()
+
+    def _refuse(self, job: protocol.Job, stage: Stage, code: str, message: str) -> None:
+        log.warning("job %s refused: %s", job.job_id, message)
+        result = protocol.JobResult(job.job_id, job.attempt, ok=False, error=protocol.error_dict(stage, code, message))
+        self._send(protocol.encode(result), keep=True)
+
+    # --- the job thread and its reports ------------------------------------------
+
+    def _handle_pipe(self) -> None:
+        while True:
+            try:
+                tag, *frames = self._pipe.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if tag == _PROGRESS:
+                self._send(frames)
+                continue
+            job = self._job
+            self._job = None
+            if job is not None:
+                job.thread.join(timeout=1.0)  # it sent its last message; it is ending
+                self._log_end(job, frames)
+            self._send(frames, keep=True)
+
+    def _log_end(self, job: _RunningJob, frames: list[bytes]) -> None:
+        seconds = time.monotonic() - job.started_s
+        try:
+            _, result = protocol.decode(frames, protocol.WORKER_TO_BROKER)
+        except ProtocolError:
+            result = None
+        if result is not None and result.ok:
+            self.completed += 1
+            log.info("job %s attempt %d done in %.2f s", job.job_id, job.attempt, seconds)
+        else:
+            self.failed += 1
+            error = result.error if result is not None else {}
+            log.warning("job %s attempt %d failed in %.2f s: %s/%s: %s", job.job_id, job.attempt, seconds,
+                        error.get("stage"), error.get("code"), error.get("message"))
+
+    def _run_job(self, job: protocol.Job) -> None:
+        """Body of the job thread: generate, then report exactly one FINAL."""
+        started_s = time.monotonic()
+        work_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-{self.backend_name}-"))
+
+        def progress(detail: str) -> None:
+            report = protocol.JobProgress(job.job_id, job.attempt, str(detail)[:MAX_PROGRESS_CHARS])
+            self._channel.send(_PROGRESS, protocol.encode(report))
+
+        try:
+            request = GenerationInput(
+                input_name=job.input_name,
+                input_data=job.input_data,
+                work_dir=work_dir,
+                prompt=job.prompt,
+                options=dict(job.options),
+                sam3d_config=job.sam3d_config,
+                debug=job.debug,
+                progress=progress,
+            )
+            output = self.backend.generate(request)
+            frames = self._success_frames(job, output, time.monotonic() - started_s)
+        except BaseException as exc:  # noqa: BLE001 - any failure is this job's, never the worker's
+            if not isinstance(exc, GeomgenError):
+                log.exception("backend %s raised on job %s", self.backend_name, job.job_id)
+            frames = self._failure_frames(job, error_of(exc), time.monotonic() - started_s)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        self._channel.send(_FINAL, frames)
+
+    def _success_frames(self, job: protocol.Job, output: GenerationOutput, seconds: float) -> list[bytes]:
+        glb = getattr(output, "glb", None)
+        if not isinstance(output, GenerationOutput) or not isinstance(glb, (bytes, bytearray)) or not glb:
+            return self._failure_frames(job, protocol.error_dict(
+                Stage.GENERATE, "generate_failed",
+                f"backend {self.backend_name!r} returned no GLB bytes (got {type(output).__name__})",
+            ), seconds)
+        result = protocol.JobResult(
+            job.job_id, job.attempt, ok=True, glb=bytes(glb), seconds=seconds,
+            info=dict(output.info or {}), debug_files=dict(output.debug_files or {}),
+        )
+        try:
+            return protocol.encode(result)
+        except (TypeError, ValueError) as exc:  # msgpack cannot carry something in info/debug_files
+            return self._failure_frames(job, protocol.error_dict(
+                Stage.GENERATE, "generate_failed",
+                f"backend {self.backend_name!r} returned info that cannot be sent ({exc})",
+            ), seconds)
+
+    @staticmethod
+    def _failure_frames(job: protocol.Job, error: dict, seconds: float) -> list[bytes]:
+        return protocol.encode(protocol.JobResult(job.job_id, job.attempt, ok=False, error=error, seconds=seconds))
+
+
+# --- process entry --------------------------------------------------------------
+
+
+def startup_message(backend: str, exc: GeomgenError, extra: str | None = None) -> str:
+    """One paragraph for stderr: what failed and what to do about it."""
+    text = f"geomgen gpu-worker: cannot start backend {backend!r}: {exc.message}"
+    if isinstance(exc, UnknownBackend):
+        text += (" A third-party backend is registered through the 'geomgen.backends' entry point"
+                 " or GEOMGEN_BACKENDS='name=module:Class'.")
+    elif isinstance(exc, BackendUnavailable) and extra and "pip install" not in exc.message:
+        text += f" Install its dependencies with: pip install 'geomgen[{extra}]'."
+    elif isinstance(exc, InputError):
+        text += " Check the --backend-option values."
+    return text
+
+
+def main(
+    backend: str,
+    endpoints: Endpoints,
+    *,
+    gpu: str | None = None,
+    backend_options: dict[str, str] | None = None,
+    heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+    heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS,
+    worker_id: str | None = None,
+) -> int:
+    """Run a GPU worker until SIGTERM/SIGINT. Returns the process exit code:
+    0 after a clean stop, 2 when the backend cannot start here (message on
+    stderr), 1 when loading it crashed unexpectedly."""
+    if gpu is not None:
+        # Before any backend module is imported: torch reads it once, at CUDA init.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cls = None
+    try:
+        cls = load_backend_class(backend)
+        instance = cls(backend_options)
+        load_started_s = time.monotonic()
+        instance.load()
+    except GeomgenError as exc:
+        print(startup_message(backend, exc, getattr(cls, "extra", None)), file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - report any load crash as a start-up failure
+        log.exception("loading backend %s failed", backend)
+        print(f"geomgen gpu-worker: loading backend {backend!r} failed with {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return 1
+    log.info("backend %s loaded in %.2f s", backend, time.monotonic() - load_started_s)
+
+    worker = GpuWorker(instance, backend, endpoints, gpu=gpu, heartbeat_interval_s=heartbeat_interval_s,
+                       heartbeat_liveness=heartbeat_liveness, worker_id=worker_id)
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.run(stop)
+    finally:
+        worker.close()
+    return 0
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from geomgen.endpoints import parse_broker
+
+    parser = argparse.ArgumentParser(prog="python -m geomgen.gpu_worker", description="Run one GPU worker.")
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--broker", default=f"{defaults.HOST}:{defaults.CLIENT_PORT}")
+    parser.add_argument("--gpu", default=None)
+    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S)
+    parser.add_argument("--liveness", type=int, default=defaults.HEARTBEAT_LIVENESS)
+    parser.add_argument("--worker-id", default=None)
+    args = parser.parse_args(argv)
+    options = {}
+    for item in args.backend_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--backend-option expects KEY=VALUE, got {item!r}")
+        options[key.strip()] = value
+    return main(args.backend, parse_broker(args.broker), gpu=args.gpu, backend_options=options,
+                heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness,
+                worker_id=args.worker_id)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

@@ -1,0 +1,172 @@
+"""Test-only backends and conversion functions, registered through the real
+registry (GEOMGEN_BACKENDS="instant=tests.plugins:InstantBackend,...") and
+GEOMGEN_CONVERT_FN="tests.plugins:selectable_convert"; they stand in for GPU
+models and for native-code failures that cannot be produced on demand."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+from pathlib import Path
+
+from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
+from geomgen.errors import BackendUnavailable, GenerateError, InputError
+
+# Captured at import: proves the worker set CUDA_VISIBLE_DEVICES before it
+# imported any backend module (where a real backend would import torch).
+CUDA_VISIBLE_DEVICES_AT_IMPORT = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+BOX_EXTENTS_M = (0.2, 0.3, 0.1)  # x, y (up), z of the box every test backend returns
+
+
+@functools.lru_cache(maxsize=1)
+def box_glb() -> bytes:
+    """A tiny closed box as GLB, in geomgen's conventions: +Y up, metres,
+    resting on y = 0, centred in x and z."""
+    import trimesh
+
+    box = trimesh.creation.box(extents=BOX_EXTENTS_M)
+    box.apply_translation([0.0, BOX_EXTENTS_M[1] / 2.0, 0.0])
+    return box.export(file_type="glb")
+
+
+def _seconds(options: dict, name: str, default_s: float) -> float:
+    raw = options.get(name, default_s)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number of seconds, got {raw!r}", code="bad_option") from None
+    if value < 0:
+        raise InputError(f"{name} must be >= 0 seconds, got {value}", code="bad_option")
+    return value
+
+
+class InstantBackend(Backend):
+    """Returns a GLB at once: the input itself when it is a binary glTF, else a
+    small box. Option ``delay_s`` (worker-wide or per request) waits that long
+    first, a synthetic GPU time."""
+
+    name = "instant"
+    input_kind = "mesh"
+    default_delay_s = 0.0
+
+    def __init__(self, options: dict[str, str] | None = None) -> None:
+        super().__init__(options)
+        self.delay_s = _seconds(self.options, "delay_s", self.default_delay_s)
+        self.loaded = False
+
+    def load(self) -> None:
+        box_glb()  # pay trimesh's import before READY, like a model load
+        self.loaded = True
+
+    def generate(self, job: GenerationInput) -> GenerationOutput:
+        if not self.loaded:
+            raise GenerateError("generate() was called before load()")
+        delay_s = _seconds(job.options, "delay_s", self.delay_s)
+        if delay_s > 0:
+            job.progress(f"waiting {delay_s:g} s")
+            # Event.wait rather than sleep: nothing to wake it, it only holds the thread.
+            threading.Event().wait(delay_s)
+        glb = job.input_data if job.input_data[:4] == b"glTF" else box_glb()
+        info = {
+            "backend": self.name,
+            "delay_s": delay_s,
+            "pid": os.getpid(),
+            "cuda_visible_devices": CUDA_VISIBLE_DEVICES_AT_IMPORT,
+            "work_dir": str(job.work_dir),
+            "work_dir_existed": job.work_dir.is_dir(),
+        }
+        return GenerationOutput(glb=glb, info=info)
+
+
+class SlowBackend(InstantBackend):
+    """InstantBackend with a default delay of 1 s (option ``delay_s``), for
+    heartbeat, busy and kill-mid-job tests."""
+
+    name = "slow"
+    default_delay_s = 1.0
+
+
+class FailingBackend(InstantBackend):
+    """Raises inside generate. Per-request option ``fail``: ``runtime`` (default,
+    a plain RuntimeError), ``input`` (InputError code bad_image), ``generate``
+    (GenerateError), ``exit`` (SystemExit) or ``no`` (succeeds like Instant)."""
+
+    name = "failing"
+
+    def generate(self, job: GenerationInput) -> GenerationOutput:
+        mode = str(job.options.get("fail", self.options.get("fail", "runtime")))
+        if mode == "runtime":
+            raise RuntimeError("synthetic failure inside the backend")
+        if mode == "input":
+            raise InputError("the image is not an image (synthetic)", code="bad_image")
+        if mode == "generate":
+            raise GenerateError("the model produced an empty mesh (synthetic)", code="empty_mesh")
+        if mode == "exit":
+            raise SystemExit(3)
+        return super().generate(job)
+
+
+class CrashingBackend(InstantBackend):
+    """Kills its own process inside generate (SIGKILL), like a worker lost to
+    the OOM killer or a driver fault. Option ``after_s`` waits first."""
+
+    name = "crashing"
+
+    def generate(self, job: GenerationInput) -> GenerationOutput:
+        after_s = _seconds(job.options, "after_s", _seconds(self.options, "after_s", 0.0))
+        if after_s > 0:
+            threading.Event().wait(after_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable: the process was killed")
+
+
+class UnavailableBackend(Backend):
+    """A backend whose load() fails the way a GPU backend without its extra does."""
+
+    name = "unavailable"
+    extra = "unavailable-extra"
+
+    def load(self) -> None:
+        raise BackendUnavailable(
+            "backend 'unavailable' needs the package 'nonexistent_model_pkg'; "
+            "install it with: pip install 'geomgen[unavailable-extra]'"
+        )
+
+    def generate(self, job: GenerationInput) -> GenerationOutput:
+        raise AssertionError("never loaded")
+
+
+# --- conversion functions for the SDF worker's child (GEOMGEN_CONVERT_FN) -----
+
+
+def selectable_convert(data: bytes, input_name: str, out_dir: Path, name: str, options):
+    """Same signature as geomgen.geometry.convert.convert_mesh. The output name
+    picks a behaviour: ``segfault*`` dies with SIGSEGV, ``hang*`` never returns,
+    ``sleep*`` waits 1 s then converts, ``bad_input*`` raises InputError,
+    ``bad_convert*`` raises ConvertError, ``oops*`` raises a plain exception;
+    anything else is the real conversion. When GEOMGEN_TEST_PID_DIR is set the
+    child writes its pid there as ``<name>.pid`` first, so a test can check it
+    was reaped."""
+    pid_dir = os.environ.get("GEOMGEN_TEST_PID_DIR")
+    if pid_dir:
+        Path(pid_dir, f"{name}.pid").write_text(str(os.getpid()))
+    if name.startswith("segfault"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if name.startswith("hang"):
+        threading.Event().wait()
+    if name.startswith("sleep"):
+        threading.Event().wait(1.0)
+    if name.startswith("bad_input"):
+        raise InputError("the GLB has no faces (synthetic)", code="bad_mesh")
+    if name.startswith("bad_convert"):
+        from geomgen.errors import ConvertError
+
+        raise ConvertError("every decomposition method failed (synthetic)", code="decomposition_failed")
+    if name.startswith("oops"):
+        raise ValueError("synthetic bug in the converter")
+    from geomgen.geometry.convert import convert_mesh
+
+    return convert_mesh(data, input_name, out_dir, name, options)
