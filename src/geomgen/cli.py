@@ -1,0 +1,279 @@
+"""The ``geomgen`` command line: thin click commands over the roles and the client.
+
+Process roles (broker, gpu-worker, sdf-worker, serve), the client (generate,
+health, demo), local conversion (convert) and the environment check (doctor).
+Errors print one line on stderr and exit non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from geomgen import __version__, defaults
+from geomgen.endpoints import Endpoints, parse_broker
+from geomgen.errors import GeomgenError, InputError
+
+EXIT_FAILED_ITEMS = 1  # some inputs failed
+EXIT_ERROR = 2  # the command itself could not run
+DEFAULT_BROKER = f"{defaults.HOST}:{defaults.CLIENT_PORT}"
+
+
+class _Group(click.Group):
+    """Turns geomgen errors into one line on stderr instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except GeomgenError as exc:
+            click.echo(f"geomgen: error: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            click.echo("geomgen: interrupted", err=True)
+            ctx.exit(130)
+
+
+# --- shared options --------------------------------------------------------------
+
+
+def _broker_endpoints(_ctx: click.Context, _param: click.Parameter, value: str) -> Endpoints:
+    try:
+        return parse_broker(value)
+    except InputError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _key_values(_ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    options: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param=param)
+        options[key.strip()] = value
+    return options
+
+
+def broker_option(fn):
+    return click.option(
+        "--broker", "endpoints", default=DEFAULT_BROKER, show_default=True, callback=_broker_endpoints,
+        help="Broker address: HOST, HOST:PORT or tcp://HOST:PORT; PORT is its client (base) port.",
+    )(fn)
+
+
+def backend_options_option(fn):
+    return click.option(
+        "--backend-option", "backend_options", multiple=True, metavar="KEY=VALUE", callback=_key_values,
+        help="Backend option (repeatable), e.g. --backend-option height_m=0.5.",
+    )(fn)
+
+
+def verbose_option(fn):
+    return click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")(fn)
+
+
+def _logging(verbose: int, default: int = logging.INFO) -> None:
+    level = default if not verbose else (logging.INFO if verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def convert_options(fn):
+    """Conversion flags shared by `generate` and `convert` (ConvertOptions fields)."""
+    options = [
+        click.option("--mass-kg", type=float, help="Mass of the object in kg. Excludes --density/--material."),
+        click.option("--density", "density_kg_m3", type=float,
+                     help=f"Density in kg/m^3, times the volume gives the mass (default "
+                          f"{defaults.DENSITY_KG_M3:g} when no mass, density or material is given)."),
+        click.option("--material", help="Material name (wood, metal, plastic, fabric, ceramic, glass, rubber, "
+                                         "paper, stone, foam, leather...): density and friction."),
+        click.option("--mu", type=float, help="Coulomb friction coefficient (default: the material's, else 0.5)."),
+        click.option("--collision", type=click.Choice(["coacd", "vhacd", "hull"]), default="coacd",
+                     show_default=True, help="Collision geometry: convex decomposition or one convex hull."),
+        click.option("--collision-param", "collision_params", multiple=True, metavar="KEY=VALUE",
+                     callback=_key_values, help="Decomposition parameter (repeatable), e.g. threshold=0.05."),
+        click.option("--dimensions", type=float, nargs=3, metavar="X Y Z",
+                     help="Target bounding box in metres, Drake frame (+Z up); scaled uniformly to fit."),
+        click.option("--scale", type=float, help="Uniform scale factor (when --dimensions is not given)."),
+        click.option("--hydroelastic", is_flag=True, help="Also write compliant-hydroelastic contact properties."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def convert_fields(params: dict[str, Any]) -> dict[str, Any]:
+    """The ConvertOptions fields given on the command line (unset ones left out)."""
+    given = [name for name in ("mass_kg", "density_kg_m3", "material") if params.get(name) is not None]
+    if len(given) > 1:
+        raise click.UsageError("give at most one of --mass-kg, --density and --material")
+    fields = {name: params[name] for name in ("mass_kg", "density_kg_m3", "material", "mu", "scale")
+              if params.get(name) is not None}
+    if params.get("dimensions"):
+        fields["dimensions"] = list(params["dimensions"])
+    fields["collision"] = params["collision"]
+    fields["collision_params"] = {k: _number_or_text(v) for k, v in params["collision_params"].items()}
+    fields["hydroelastic"] = bool(params.get("hydroelastic"))
+    return fields
+
+
+def _number_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)  # 0.05 -> float, 20 -> int, true -> bool
+    except ValueError:
+        return value
+
+
+# --- the group -----------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="geomgen")
+def cli() -> None:
+    """geomgen: pictures of objects in, simulation-ready Drake SDFormat assets out.
+
+    \b
+    Quick start (one machine, CPU backends):
+      geomgen demo                                 # the whole pipeline on bundled samples
+      geomgen generate chair.png mug.obj --out assets/
+    Several machines:
+      geomgen broker --host 0.0.0.0
+      geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker HUB
+      geomgen sdf-worker --procs 8 --broker HUB
+      geomgen generate photos/*.png --out assets/ --broker HUB
+    """
+
+
+def main() -> None:
+    """Entry point of the ``geomgen`` script."""
+    cli(prog_name="geomgen")
+
+
+# --- process roles -----------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default=defaults.HOST, show_default=True,
+              help="Interface to bind; 0.0.0.0 accepts workers and clients from other machines.")
+@click.option("--port", type=int, default=defaults.CLIENT_PORT, show_default=True,
+              help="Base port: clients on it, GPU workers, SDF jobs and SDF results on the next three.")
+@click.option("--client-port", type=int, help="Client ROUTER port (default: --port).")
+@click.option("--worker-port", type=int, help="GPU-worker ROUTER port (default: --port + 1).")
+@click.option("--sdf-job-port", type=int, help="SDF job PUSH port (default: --port + 2).")
+@click.option("--sdf-result-port", type=int, help="SDF result PULL port (default: --port + 3).")
+@click.option("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
+              help="Seconds between heartbeats to workers and clients.")
+@click.option("--liveness", type=int, default=defaults.HEARTBEAT_LIVENESS, show_default=True,
+              help="Missed heartbeat intervals before a worker is declared dead.")
+@click.option("--max-retries", type=int, default=defaults.MAX_RETRIES, show_default=True,
+              help="Re-runs of a job whose worker was lost, before it fails with worker_lost.")
+@click.option("--no-worker-timeout", type=float, default=defaults.NO_WORKER_TIMEOUT_S, show_default=True,
+              help="Seconds a request waits for a live worker of its backend before failing with no_worker.")
+@click.option("--sdf-lease", type=float, default=defaults.SDF_LEASE_S, show_default=True,
+              help="Seconds an SDF job may go unreported by any SDF worker before it is pushed again.")
+@verbose_option
+def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, heartbeat_interval, liveness,
+           max_retries, no_worker_timeout, sdf_lease, verbose) -> None:
+    """Run the broker: the only process that binds (four ports from --port).
+
+    Example: geomgen broker --host 0.0.0.0 --port 5555
+    """
+    from geomgen import broker as broker_role
+
+    base = Endpoints.from_base(host, port)
+    overrides = {"client_port": client_port, "worker_port": worker_port, "sdf_job_port": sdf_job_port,
+                 "sdf_result_port": sdf_result_port}
+    endpoints = Endpoints(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    _logging(verbose)
+    sys.exit(broker_role.serve(endpoints, heartbeat_interval_s=heartbeat_interval, heartbeat_liveness=liveness,
+                               max_retries=max_retries, no_worker_timeout_s=no_worker_timeout,
+                               sdf_lease_s=sdf_lease))
+
+
+@cli.command("gpu-worker")
+@click.option("--backend", required=True, help="Backend to serve: hunyuan3d, sam3d, silhouette, mesh or a plug-in.")
+@click.option("--gpu", help="GPU id; sets CUDA_VISIBLE_DEVICES before anything imports torch.")
+@broker_option
+@click.option("--worker-port", type=int, help="The broker's GPU-worker port, if not the client port + 1.")
+@backend_options_option
+@click.option("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
+              help="Seconds between heartbeats to the broker.")
+@verbose_option
+def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_interval, verbose) -> None:
+    """Run one GPU worker: loads its backend once, then one job at a time.
+
+    Example: geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker hub:5555
+    """
+    from geomgen import gpu_worker as worker_role
+
+    if worker_port is not None:
+        endpoints = Endpoints(**{**endpoints.__dict__, "worker_port": worker_port})
+    _logging(verbose)
+    sys.exit(worker_role.main(backend, endpoints, gpu=gpu, backend_options=backend_options,
+                              heartbeat_interval_s=heartbeat_interval))
+
+
+@cli.command("sdf-worker")
+@broker_option
+@click.option("--sdf-job-port", type=int, help="The broker's SDF job port, if not the client port + 2.")
+@click.option("--sdf-result-port", type=int, help="The broker's SDF result port, if not the client port + 3.")
+@click.option("--procs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Conversions run at once, each in its own child process.")
+@verbose_option
+def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, verbose) -> None:
+    """Run an SDF worker: converts GLBs to Drake SDF packages, --procs at a time.
+
+    Example: geomgen sdf-worker --procs 8 --broker hub
+    """
+    from geomgen import sdf_worker as worker_role
+
+    overrides = {"sdf_job_port": sdf_job_port, "sdf_result_port": sdf_result_port}
+    endpoints = Endpoints(**{**endpoints.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
+    _logging(verbose)
+    sys.exit(worker_role.main(endpoints, procs=procs))
+
+
+@cli.command()
+@click.option("--backend", "backends", multiple=True, default=("silhouette", "mesh"), show_default=True,
+              help="Backend to serve (repeatable); GPU backends get one worker per visible GPU.")
+@click.option("--sdf-workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="SDF conversion processes.")
+@click.option("--host", default=defaults.HOST, show_default=True, help="Where the broker binds.")
+@click.option("--port", type=int, default=defaults.CLIENT_PORT, show_default=True,
+              help="The broker's base port (0: pick free ports).")
+@click.option("--gpu", "gpus", multiple=True, help="GPU ids to use (default: CUDA_VISIBLE_DEVICES or nvidia-smi).")
+@backend_options_option
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the processes' logs (default: a new temporary folder).")
+@click.option("--ready-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for every worker to load its backend.")
+def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, ready_timeout) -> None:
+    """Run a broker with its GPU workers and SDF workers; Ctrl-C stops them all.
+
+    Example: geomgen serve --backend hunyuan3d --backend mesh --sdf-workers 4
+    """
+    from geomgen.server import GeometryServer
+
+    server = GeometryServer(backends=backends, sdf_workers=sdf_workers, host=host, base_port=port,
+                            backend_options=backend_options, gpus=gpus or None, log_dir=log_dir)
+    server.start()
+    try:
+        stats = server.wait_until_ready(ready_timeout)
+    except BaseException:
+        server.stop()
+        raise
+    workers = ", ".join(f"{name} x{n['alive']}" for name, n in stats.get("backends", {}).items() if n.get("alive"))
+    click.echo(f"geomgen serving on {server.address} ({workers}; {stats.get('sdf_slots', 0)} SDF slots); "
+               f"logs in {server.log_dir}; Ctrl-C stops", err=True)
+    sys.exit(server.serve_forever())
+
+
+# The user-facing commands live beside this module; imported last because they
+# use the shared options above.
+from geomgen import cli_tasks  # noqa: E402
+
+for _command in (cli_tasks.generate, cli_tasks.demo, cli_tasks.health, cli_tasks.convert, cli_tasks.doctor):
+    cli.add_command(_command)

@@ -1,0 +1,312 @@
+"""The user-facing ``geomgen`` commands: generate, demo, health, convert, doctor.
+
+`generate` and `demo` run the Python client, against ``--broker`` or against an
+embedded GeometryServer on free ports that lives as long as the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from geomgen import defaults
+from geomgen.cli import (
+    EXIT_FAILED_ITEMS,
+    convert_fields,
+    backend_options_option,
+    broker_option,
+    convert_options,
+)
+from geomgen.errors import GeomgenError
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+
+def choose_backends(inputs: list[Path], backend: str) -> list[str]:
+    """Backends an embedded stack needs for ``inputs``: ``backend`` itself, or for
+    ``auto`` the first loadable GPU backend (silhouette without a GPU) for images
+    and ``mesh`` for meshes. Unreadable inputs are skipped (the client reports them)."""
+    from geomgen.batch import read_input
+    from geomgen.inputs import sniff_kind
+
+    kinds = set()
+    for path in inputs:
+        try:
+            kinds.add(sniff_kind(path.name, read_input(path)))
+        except GeomgenError:
+            continue
+    if not kinds:
+        return []
+    if backend != "auto":
+        return [backend]
+    return ([_image_backend()] if "image" in kinds else []) + (["mesh"] if "mesh" in kinds else [])
+
+
+def _image_backend() -> str:
+    from geomgen.backends import GPU_BACKENDS, load_backend_class
+    from geomgen.server import visible_gpus
+
+    if visible_gpus():
+        for name in GPU_BACKENDS:
+            try:
+                if load_backend_class(name).check() is None:
+                    return name
+            except GeomgenError:
+                continue
+    return "silhouette"
+
+
+@contextlib.contextmanager
+def broker_address(endpoints, backends: list[str], backend_options: dict, sdf_workers: int,
+                   timeout_s: float) -> Iterator[str]:
+    """The broker to talk to: ``endpoints`` if given, else an embedded stack running ``backends``."""
+    if endpoints is not None:
+        yield endpoints.client
+        return
+    if not backends:
+        yield f"tcp://{defaults.HOST}:{defaults.CLIENT_PORT}"  # nothing will be sent
+        return
+    from geomgen.server import GeometryServer
+
+    click.echo(f"geomgen: starting an embedded stack: {', '.join(backends)}, {sdf_workers} SDF process(es)",
+               err=True)
+    server = GeometryServer(backends=backends, sdf_workers=sdf_workers, base_port=0, backend_options=backend_options)
+    try:
+        server.start()
+        server.wait_until_ready(timeout_s)
+        yield server.address
+    finally:
+        server.stop()
+
+
+def run_batch(address: str, requests: list, timeout_s: float, on_result) -> list:
+    """Send ``requests`` and call ``on_result(result, progress)`` as each completes; returns results by index."""
+    from geomgen.client import FINAL, GeometryClient
+    from geomgen.progress import Progress
+
+    results: list = [None] * len(requests)
+    progress = Progress(len(requests))
+    with GeometryClient(address, timeout_s=timeout_s) as client:
+        try:
+            for event in client.generate_events(requests):
+                progress.update(event)
+                if event.kind == FINAL:
+                    results[event.index] = event.result
+                    on_result(event.result, progress)
+        finally:
+            progress.close()
+    return results
+
+
+def _row(result, input_path: Path) -> dict[str, Any]:
+    return {
+        "index": result.index, "input": str(input_path), "status": "ok" if result.ok else "error",
+        "glb_path": str(result.glb_path) if result.glb_path else None,
+        "sdf_path": str(result.sdf_path) if result.sdf_path else None,
+        "stage": result.stage, "error": result.error, "seconds": round(result.timings.get("client_s", 0.0), 3),
+        "backend": result.backend or None,
+    }
+
+
+def _line(result, input_path: Path) -> str:
+    if result.ok:
+        target = result.sdf_path or result.glb_path
+        return f"ok     {input_path.name} -> {target}  [{result.backend}, {result.timings.get('client_s', 0):.1f} s]"
+    return f"error  {input_path.name}: {result.stage}/{result.error_code}: {result.error}"
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: <stem>.glb and <stem>/<stem>.sdf per input.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto: the first GPU backend with a worker (silhouette without one) for images, mesh for meshes.")
+@click.option("--broker", "broker", help="Broker address (HOST, HOST:PORT, tcp://HOST:PORT); "
+                                         "without it an embedded stack runs for the command.")
+@click.option("--scene-id", help="Round-robin key shared by these requests.")
+@click.option("--prompt", help="Text prompt, for backends that use one.")
+@backend_options_option
+@convert_options
+@click.option("--no-sdf", is_flag=True, help="Stop after the GLB.")
+@click.option("--sdf-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="SDF processes of the embedded stack.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
+@click.option("--timeout", "timeout_s", type=float, default=defaults.CLIENT_TIMEOUT_S, show_default=True,
+              help="Seconds of broker silence before outstanding inputs fail.")
+def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options, no_sdf, sdf_workers, as_json,
+             timeout_s, **convert_params) -> None:
+    """Turn images (or meshes) into GLBs and Drake SDF packages.
+
+    \b
+    Examples:
+      geomgen generate chair.png --out assets/ --material wood
+      geomgen generate photos/*.jpg --out assets/ --broker hub --json
+      geomgen generate table.obj --out assets/ --mass-kg 20 --dimensions 1.2 0.8 0.75
+
+    Exits 1 if any input failed.
+    """
+    from geomgen.client import GeometryRequest
+    from geomgen.endpoints import parse_broker
+
+    fields = convert_fields(convert_params)
+    endpoints = parse_broker(broker) if broker else None
+    requests = [GeometryRequest(image_path=path, output_dir=out_dir, backend=backend, scene_id=scene_id,
+                                prompt=prompt, backend_options=dict(backend_options), want_sdf=not no_sdf, **fields)
+                for path in inputs]
+    backends = [] if endpoints else choose_backends(list(inputs), backend)
+
+    def report(result, progress) -> None:
+        if as_json:
+            progress.print(json.dumps(_row(result, inputs[result.index])))
+        else:
+            progress.print(_line(result, inputs[result.index]))
+
+    with broker_address(endpoints, backends, backend_options, sdf_workers, timeout_s=300.0) as address:
+        results = run_batch(address, requests, timeout_s, report)
+    failed = sum(not r.ok for r in results)
+    used = sorted({r.backend for r in results if r.ok and r.backend})
+    click.echo(f"geomgen: {len(results) - failed} ok, {failed} failed; backend(s) used: {', '.join(used) or '-'}; "
+               f"outputs in {out_dir}", err=True)
+    sys.exit(EXIT_FAILED_ITEMS if failed else 0)
+
+
+@click.command()
+@click.option("--out", "out_dir", default=Path("geomgen-demo"), show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--collision", type=click.Choice(["coacd", "vhacd", "hull"]), default="coacd", show_default=True,
+              help="Collision geometry of the SDF packages.")
+@click.option("--sdf-workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="SDF conversion processes.")
+def demo(out_dir, collision, sdf_workers) -> None:
+    """Run the whole pipeline on the bundled sample images and mesh.
+
+    Starts an embedded broker, workers for the backends the samples need and
+    an SDF worker; prints a table of results and where the SDF files are.
+    """
+    from geomgen.client import GeometryRequest
+    from geomgen.inputs import IMAGE_SUFFIXES, MESH_SUFFIXES
+
+    inputs = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES + MESH_SUFFIXES)
+    if not inputs:
+        raise click.ClickException(f"no sample inputs in {SAMPLES}; reinstall geomgen")
+    requests = [GeometryRequest(image_path=p, output_dir=out_dir, collision=collision) for p in inputs]
+    with broker_address(None, choose_backends(inputs, "auto"), {}, sdf_workers, timeout_s=300.0) as address:
+        results = run_batch(address, requests, defaults.CLIENT_TIMEOUT_S, lambda r, p: None)
+    header = f"{'input':<14} {'backend':<11} {'status':<7} {'pieces':>6} {'mass kg':>8} {'seconds':>8}  sdf"
+    click.echo(header)
+    for path, result in zip(inputs, results):
+        pieces = result.info.get("pieces", result.info.get("collision_pieces", ""))
+        pieces = len(pieces) if isinstance(pieces, list) else pieces
+        mass = result.info.get("mass_kg")
+        click.echo(f"{path.name:<14} {result.backend:<11} {'ok' if result.ok else 'FAILED':<7} {pieces!s:>6} "
+                   f"{mass if mass is None else round(mass, 3)!s:>8} {result.timings.get('client_s', 0):>8.1f}  "
+                   f"{result.sdf_path if result.ok else f'{result.stage}: {result.error}'}")
+    failed = sum(not r.ok for r in results)
+    click.echo(f"\nSDF packages in {out_dir.resolve()}/<name>/<name>.sdf; {len(results) - failed} of "
+               f"{len(results)} ok.")
+    sys.exit(EXIT_FAILED_ITEMS if failed else 0)
+
+
+@click.command()
+@broker_option
+@click.option("--json", "as_json", is_flag=True, help="Print the broker's statistics as JSON.")
+@click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
+              help="Seconds to wait for the broker's answer.")
+def health(endpoints, as_json, timeout_s) -> None:
+    """Show the broker's workers, queues and statistics.
+
+    Example: geomgen health --broker hub:5555 --json
+    """
+    from geomgen.client import GeometryClient
+
+    with GeometryClient(endpoints.client, timeout_s=timeout_s) as client:
+        stats = client.health(timeout_s)
+    click.echo(json.dumps(stats, indent=2, sort_keys=True) if as_json else render_health(stats))
+
+
+def render_health(stats: dict) -> str:
+    """A readable table of a HealthReply's stats."""
+    def sec(key: str) -> str:
+        value = stats.get(key)
+        return "-" if value is None else f"{value:.2f} s"
+
+    lines = [f"broker {stats.get('broker_id', '?')}  version {stats.get('version', '?')}  "
+             f"up {stats.get('uptime_s', 0):.0f} s",
+             "",
+             f"{'backend':<14}{'alive':>6}{'busy':>6}{'queued':>8}{'completed':>11}{'failed':>8}"]
+    for name, b in sorted(stats.get("backends", {}).items()):
+        lines.append(f"{name:<14}{b.get('alive', 0):>6}{b.get('busy', 0):>6}{b.get('queued', 0):>8}"
+                     f"{b.get('completed', 0):>11}{b.get('failed', 0):>8}")
+    lines += [
+        "",
+        f"SDF workers {len(stats.get('sdf_workers', []))}: {stats.get('sdf_slots', 0)} slots, "
+        f"{stats.get('sdf_free', 0)} free, {stats.get('sdf_queued', 0)} queued",
+        f"in flight {stats.get('in_flight', 0)}, completed {stats.get('completed', 0)}, "
+        f"failed {stats.get('failed', 0)}",
+        f"average generate {sec('avg_generate_s')}, convert {sec('avg_convert_s')}, "
+        f"queue wait {sec('avg_queue_wait_s')} (max {sec('max_queue_wait_s')})",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("meshes", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: <out>/<stem>/<stem>.sdf per mesh.")
+@convert_options
+@click.option("--up-axis", type=click.Choice(["y", "z"]), default="y", show_default=True,
+              help="Up axis of the input meshes: y (glTF) or z (many CAD, OBJ and STL files).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per mesh on stdout.")
+def convert(meshes, out_dir, up_axis, as_json, **convert_params) -> None:
+    """Convert existing meshes (GLB, glTF, OBJ, PLY, STL) to Drake SDF packages, locally.
+
+    \b
+    Example:
+      geomgen convert chair.glb lamp.obj --out assets/ --material wood --collision coacd
+
+    Exits 1 if any mesh failed.
+    """
+    import time
+
+    from geomgen.geometry.convert import convert_file
+    from geomgen.geometry.options import ConvertOptions
+
+    options = ConvertOptions.from_dict({**convert_fields(convert_params), "up_axis": up_axis})
+    failed = 0
+    for path in meshes:
+        row: dict[str, Any] = {"input": str(path), "status": "ok", "sdf_path": None, "collision_pieces": None,
+                               "method": None, "mass_kg": None, "seconds": None, "error": None}
+        start = time.monotonic()
+        try:
+            report = convert_file(path, out_dir, options)
+            pieces = report.pieces
+            row.update(sdf_path=str(report.sdf_path), method=report.method, mass_kg=report.mass_kg,
+                       collision_pieces=len(pieces) if isinstance(pieces, (list, tuple)) else pieces,
+                       seconds=round(report.seconds, 3))
+        except GeomgenError as exc:
+            failed += 1
+            row.update(status="error", error=f"{exc.stage.value}/{exc.code}: {exc.message}",
+                       seconds=round(time.monotonic() - start, 3))
+        if as_json:
+            click.echo(json.dumps(row))
+        elif row["status"] == "ok":
+            click.echo(f"ok     {path.name} -> {row['sdf_path']}  [{row['method']}, {row['collision_pieces']} "
+                       f"piece(s), {row['mass_kg']:.3f} kg, {row['seconds']:.1f} s]")
+        else:
+            click.echo(f"error  {path.name}: {row['error']}")
+    sys.exit(EXIT_FAILED_ITEMS if failed else 0)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def doctor(as_json) -> None:
+    """Check this machine: packages, GPUs, and which backends can load here."""
+    from geomgen import doctor as doctor_module
+
+    checks = doctor_module.collect()
+    click.echo(json.dumps(checks, indent=2, default=str) if as_json else doctor_module.render(checks))

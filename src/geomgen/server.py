@@ -1,0 +1,312 @@
+"""The launcher: a broker, its GPU workers and an SDF worker as child processes.
+
+GeometryServer starts ``python -m geomgen broker|gpu-worker|sdf-worker`` with
+one GPU worker per visible GPU per GPU backend (one per CPU backend), waits
+until the broker sees them all, and stops them with SIGTERM, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from geomgen import defaults
+from geomgen.endpoints import Endpoints
+from geomgen.errors import InputError, TransportError
+
+# GeometryServer keyword -> broker command-line flag (values in seconds)
+BROKER_SETTINGS = {
+    "heartbeat_interval_s": "--heartbeat-interval",
+    "no_worker_timeout_s": "--no-worker-timeout",
+    "sdf_lease_s": "--sdf-lease",
+}
+LOG_TAIL_BYTES = 4000  # how much of a failed child's log goes into the error
+
+
+@dataclass
+class Child:
+    """One child process of the launcher and where its output goes."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+
+    def tail(self, max_bytes: int = LOG_TAIL_BYTES) -> str:
+        """The last ``max_bytes`` of the child's log, as text."""
+        try:
+            data = self.log_path.read_bytes()[-max_bytes:]
+        except OSError:
+            return ""
+        return data.decode("utf-8", "replace").strip()
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this machine exposes, without importing torch.
+
+    CUDA_VISIBLE_DEVICES when set (an empty value or -1 means none), else the
+    indices listed by ``nvidia-smi -L``, else none.
+    """
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        ids = [part.strip() for part in env.split(",") if part.strip()]
+        return [] if not ids or ids[0].startswith("-") else ids
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.split(":")[0].split()[1] for line in listing.splitlines() if line.startswith("GPU ")]
+
+
+def backend_uses_gpu(name: str) -> bool:
+    """Whether backend ``name`` runs one worker per GPU (its class says; a name
+    in GPU_BACKENDS counts as such even when its module cannot load here)."""
+    from geomgen.backends import GPU_BACKENDS, load_backend_class
+    from geomgen.errors import GeomgenError
+
+    try:
+        return bool(load_backend_class(name).uses_gpu)
+    except GeomgenError:
+        return name in GPU_BACKENDS
+
+
+def free_base_port(host: str = defaults.HOST, count: int = 4) -> int:
+    """A base port with ``count`` consecutive ports free on ``host``."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+        if base + count < 65535 and all(_port_free(host, port) for port in range(base, base + count)):
+            return base
+    raise TransportError(f"found no {count} consecutive free ports on {host}", code="no_ports")
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+class GeometryServer:
+    """A broker with its workers, as child processes of this one.
+
+    Args:
+        backends: backend names; GPU backends get one worker per GPU in ``gpus``.
+        sdf_workers: conversion processes of the SDF worker (0: GLB only).
+        host: where the broker binds; ``0.0.0.0`` for other machines.
+        base_port: the broker's client port (the others follow); 0 or None picks free ports.
+        backend_options: ``--backend-option`` key -> value for every GPU worker.
+        gpus: GPU ids; default from CUDA_VISIBLE_DEVICES or ``nvidia-smi -L``.
+        log_dir: where each child's log goes; default a new temporary folder.
+        env: extra environment variables for the children.
+        broker_settings: heartbeat_interval_s, no_worker_timeout_s, sdf_lease_s (seconds).
+    """
+
+    def __init__(
+        self,
+        backends: Sequence[str] = ("silhouette", "mesh"),
+        sdf_workers: int = 2,
+        host: str = defaults.HOST,
+        base_port: int | None = defaults.CLIENT_PORT,
+        backend_options: dict[str, Any] | None = None,
+        gpus: Sequence[str | int] | None = None,
+        log_dir: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+        **broker_settings: float,
+    ) -> None:
+        unknown = sorted(set(broker_settings) - set(BROKER_SETTINGS))
+        if unknown:
+            raise TypeError(f"unknown broker setting(s): {', '.join(unknown)}; known: {', '.join(BROKER_SETTINGS)}")
+        if isinstance(backends, str):
+            backends = [backends]
+        if not backends:
+            raise InputError("GeometryServer needs at least one backend", code="bad_option")
+        if sdf_workers < 0:
+            raise InputError("sdf_workers must be >= 0", code="bad_option")
+        self.backends = list(dict.fromkeys(backends))
+        self.sdf_workers = int(sdf_workers)
+        self.host = host
+        self.base_port = base_port
+        self.backend_options = {str(k): str(v) for k, v in (backend_options or {}).items()}
+        self.gpus = None if gpus is None else [str(g) for g in gpus]
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.env = dict(env or {})
+        self.broker_settings = broker_settings
+        self.endpoints: Endpoints | None = None
+        self.children: list[Child] = []
+
+    @property
+    def address(self) -> str:
+        """The broker's client endpoint, for GeometryClient (available after start())."""
+        if self.endpoints is None:
+            raise TransportError("the GeometryServer is not started", code="not_started")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "*") else self.host
+        return Endpoints.from_base(host, self.endpoints.client_port).client
+
+    def expected_workers(self) -> dict[str, int]:
+        """How many GPU-worker processes each backend gets."""
+        gpus = visible_gpus() if self.gpus is None else self.gpus
+        return {name: max(1, len(gpus)) if backend_uses_gpu(name) else 1 for name in self.backends}
+
+    def start(self) -> "GeometryServer":
+        """Start the broker and the workers; returns at once (see wait_until_ready)."""
+        if self.children:
+            raise TransportError("the GeometryServer is already started", code="already_started")
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="geomgen-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        base = self.base_port or free_base_port("127.0.0.1" if self.host in ("0.0.0.0", "*") else self.host)
+        self.endpoints = Endpoints.from_base(self.host, base)
+        broker_args = ["broker", "--host", self.host, "--port", str(base)]
+        for key, value in self.broker_settings.items():
+            broker_args += [BROKER_SETTINGS[key], str(value)]
+        self._spawn("broker", broker_args)
+        broker = self.address.removeprefix("tcp://")
+        gpus = visible_gpus() if self.gpus is None else self.gpus
+        for name in self.backends:
+            options = [arg for key, value in self.backend_options.items() for arg in ("--backend-option", f"{key}={value}")]
+            per_gpu = gpus if backend_uses_gpu(name) and gpus else [None]
+            for gpu in per_gpu:
+                args = ["gpu-worker", "--backend", name, "--broker", broker, *options]
+                self._spawn(f"gpu-worker-{name}" + (f"-gpu{gpu}" if gpu is not None else ""),
+                            args + (["--gpu", gpu] if gpu is not None else []))
+        if self.sdf_workers:
+            self._spawn("sdf-worker", ["sdf-worker", "--broker", broker, "--procs", str(self.sdf_workers)])
+        return self
+
+    def _spawn(self, name: str, args: list[str]) -> Child:
+        assert self.log_dir is not None
+        child = Child(name, args, self.log_dir / f"{name}.log")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        with open(child.log_path, "wb") as log:
+            child.process = subprocess.Popen(
+                [sys.executable, "-m", "geomgen", *args], stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        self.children.append(child)
+        return child
+
+    def exited(self) -> list[Child]:
+        """Children that are no longer running."""
+        return [c for c in self.children if c.process is not None and c.process.poll() is not None]
+
+    def _exited_error(self, child: Child, when: str = "before the server was ready") -> TransportError:
+        code = child.process.returncode if child.process else None
+        return TransportError(
+            f"{child.name} exited (code {code}) {when}; "
+            f"its log {child.log_path} ends with:\n{child.tail()}",
+            code="worker_exited",
+        )
+
+    def wait_until_ready(self, timeout_s: float = 120.0) -> dict:
+        """Wait until the broker sees every started GPU worker alive and the SDF
+        slots; return its health stats. Raises TransportError naming a child that
+        exited (with the tail of its log) or, after ``timeout_s``, what is missing."""
+        from geomgen.client import GeometryClient
+
+        if not self.children:
+            self.start()
+        expected = self.expected_workers()
+        deadline = time.monotonic() + timeout_s
+        stats: dict = {}
+        with GeometryClient(self.address, timeout_s=max(1.0, timeout_s)) as client:
+            while True:
+                for child in self.exited():
+                    raise self._exited_error(child)
+                try:
+                    stats = client.health(timeout_s=min(1.0, max(0.1, deadline - time.monotonic())))
+                except TransportError:
+                    stats = {}
+                missing = self._missing(stats, expected)
+                if stats and not missing:
+                    return stats
+                if time.monotonic() > deadline:
+                    raise TransportError(
+                        f"the server was not ready after {timeout_s:.0f} s: waiting for {', '.join(missing)}; "
+                        f"logs in {self.log_dir}", code="not_ready",
+                    )
+                time.sleep(0.1)  # paces the queries: a broker answers "not ready" at once
+
+    def _missing(self, stats: dict, expected: dict[str, int]) -> list[str]:
+        if not stats:
+            return ["the broker"]
+        per_backend = stats.get("backends", {})
+        missing = [
+            f"{n - per_backend.get(name, {}).get('alive', 0)} {name} worker(s)"
+            for name, n in expected.items() if per_backend.get(name, {}).get("alive", 0) < n
+        ]
+        if self.sdf_workers and stats.get("sdf_slots", 0) < self.sdf_workers:
+            missing.append(f"{self.sdf_workers} SDF slot(s)")
+        return missing
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every child, SIGKILL those still running after ``grace_s``; reap all."""
+        running = [c.process for c in self.children if c.process is not None and c.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for process in running:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.children = []
+
+    def serve_forever(self, poll_interval_s: float = 0.5) -> int:
+        """Block until SIGINT/SIGTERM or the broker exits, then stop; returns an exit code.
+
+        A worker that exits is reported on stderr; the others keep serving.
+        """
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+        reported: set[str] = set()
+        try:
+            while not stop.wait(poll_interval_s):
+                for child in self.exited():
+                    if child.name in reported:
+                        continue
+                    reported.add(child.name)
+                    print(f"geomgen serve: {self._exited_error(child, 'while serving')}", file=sys.stderr)
+                    if child.name == "broker":
+                        return 1
+            return 0
+        finally:
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> "GeometryServer":
+        self.start()
+        try:
+            self.wait_until_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _die_with_parent() -> None:
+    # A launcher killed with SIGKILL cannot stop its children; have the kernel do it.
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
