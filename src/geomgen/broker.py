@@ -1,0 +1,305 @@
+"""The broker, the only process that binds: four sockets, one poll loop, and the
+decoding of every message before dispatch.py moves the job along.
+
+One loop turn (``run_once``): poll, handle what arrived, then always expire
+late workers, leases and waits, send heartbeats and dispatch.
+docs/architecture.md explains the design, docs/protocol.md the messages.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import uuid
+from typing import Any, Iterable
+
+import zmq
+
+from geomgen import __version__, defaults, protocol
+from geomgen.dispatch import Dispatcher
+from geomgen.endpoints import Endpoints
+from geomgen.errors import ProtocolError, Stage, TransportError
+from geomgen.jobs import peek_request_id
+from geomgen.protocol import BrokerHeartbeat, Command, HealthReply, SdfJob
+from geomgen.stats import health_report
+
+log = logging.getLogger("geomgen.broker")
+
+DRAIN_BATCH = 256  # messages read from one socket per loop turn, so no socket starves the others
+HOUSEKEEPING_MAX_S = 0.05  # housekeeping runs at least this often (and 4 times per heartbeat interval)
+
+
+class Broker:
+    """The geomgen broker on the four sockets of ``endpoints``.
+
+    Durations are seconds. ``known_backends`` are the names a request may ask
+    for before any worker registered them (default: every registered backend
+    plug-in); a name a worker registers becomes known too. Use ``bind()`` then
+    ``run(stop)`` (or ``run_once`` in a loop of your own), then ``close()``.
+    """
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        *,
+        heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+        heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS,
+        max_retries: int = defaults.MAX_RETRIES,
+        no_worker_timeout_s: float = defaults.NO_WORKER_TIMEOUT_S,
+        sdf_lease_s: float = defaults.SDF_LEASE_S,
+        max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
+        known_backends: Iterable[str] | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        if known_backends is None:
+            from geomgen.backends import backend_names
+
+            known_backends = backend_names()
+        self.endpoints = endpoints
+        self.max_message_bytes = max_message_bytes
+        self.broker_id = uuid.uuid4().hex
+        now = time.monotonic()
+        host = endpoints.host if endpoints.host not in ("0.0.0.0", "*", "::") else "HOST"
+        self.dispatcher = Dispatcher(
+            self,
+            broker_id=self.broker_id,
+            address=f"{host}:{endpoints.client_port}",
+            heartbeat_interval_s=heartbeat_interval_s,
+            heartbeat_liveness=heartbeat_liveness,
+            max_retries=max_retries,
+            no_worker_timeout_s=no_worker_timeout_s,
+            sdf_lease_s=sdf_lease_s,
+            known_backends=known_backends,
+            now=now,
+        )
+        self._ctx = context or zmq.Context()
+        self._own_context = context is None
+        self._sockets: list[zmq.Socket] = []
+        self._poller = zmq.Poller()
+        self._sdf_frames: tuple[str, int, list[bytes]] | None = None  # an encoded push still waiting for room
+        self._tick_s = min(HOUSEKEEPING_MAX_S, heartbeat_interval_s / 4)
+        self._next_housekeeping = now
+
+    # --- life cycle ------------------------------------------------------------
+
+    def bind(self) -> None:
+        """Bind the four sockets; raises TransportError naming an address in use."""
+        if self._sockets:
+            return
+        ep = self.endpoints
+        host = ep.bind_host()
+        for name, kind, port in (
+            ("client", zmq.ROUTER, ep.client_port),
+            ("worker", zmq.ROUTER, ep.worker_port),
+            ("sdf_push", zmq.PUSH, ep.sdf_job_port),
+            ("sdf_pull", zmq.PULL, ep.sdf_result_port),
+        ):
+            sock = self._ctx.socket(kind)
+            self._sockets.append(sock)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            if ":" in host:
+                sock.setsockopt(zmq.IPV6, 1)
+            if kind == zmq.ROUTER:
+                sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished peer raises instead of dropping silently
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes over
+                sock.setsockopt(zmq.SNDHWM, 0)  # results must not be dropped for a slow reader
+            elif kind == zmq.PUSH:
+                sock.setsockopt(zmq.SNDHWM, 1)  # SDF jobs wait in our queue, not in socket buffers
+                sock.setsockopt(zmq.IMMEDIATE, 1)
+            url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+            try:
+                sock.bind(url)
+            except zmq.ZMQError as exc:
+                self.close()
+                raise TransportError(
+                    f"cannot bind the broker's {name} socket to {url} ({exc}); "
+                    "is another broker running there? stop it or choose other ports",
+                    code="bind_failed",
+                ) from None
+            setattr(self, f"_{name}", sock)
+        for sock in (self._client, self._worker, self._sdf_pull):
+            self._poller.register(sock, zmq.POLLIN)
+
+    def close(self) -> None:
+        """Close the sockets (and the context if the broker made it)."""
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets = []
+        if self._own_context:
+            self._ctx.term()
+            self._own_context = False
+
+    def __enter__(self) -> "Broker":
+        self.bind()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Serve until ``stop`` is set (forever without one)."""
+        while stop is None or not stop.is_set():
+            self.run_once(defaults.POLL_INTERVAL_S)
+
+    def run_once(self, timeout_s: float) -> None:
+        """One turn: wait up to ``timeout_s`` for messages, handle them, then do
+        the housekeeping that is due (expiry, heartbeats, dispatch)."""
+        if not self._sockets:
+            raise TransportError("the broker is not bound; call bind() first")
+        wait_s = max(0.0, min(timeout_s, self._next_housekeeping - time.monotonic()))
+        ready = dict(self._poller.poll(wait_s * 1000.0))
+        if self._client in ready:
+            self._drain(self._client, self._on_client, copy=True)
+        # Worker and SDF messages carry GLBs: receive them without an extra copy.
+        if self._worker in ready:
+            self._drain(self._worker, self._on_worker, copy=False)
+        if self._sdf_pull in ready:
+            self._drain(self._sdf_pull, self._on_sdf, copy=False)
+        now = time.monotonic()
+        if now >= self._next_housekeeping:
+            self._next_housekeeping = now + self._tick_s
+            self.dispatcher.housekeeping(now)
+
+    def _drain(self, sock: zmq.Socket, handler, copy: bool) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:  # one message must never stop the broker
+                self.dispatcher.stats.dropped_messages += 1
+                log.exception("error while handling a message; dropped it")
+
+    def stats(self) -> dict:
+        """Health statistics: the fields of docs/protocol.md "Health" and more."""
+        d, ep = self.dispatcher, self.endpoints
+        header = {
+            "version": __version__,
+            "protocol_version": protocol.VERSION,
+            "broker_id": self.broker_id,
+            "endpoints": {"client": ep.client, "worker": ep.worker, "sdf_job": ep.sdf_job, "sdf_result": ep.sdf_result},
+        }
+        return health_report(
+            d.stats, time.monotonic(), header=header, backend_names=d.available_backends(),
+            workers=list(d.workers), sdf=d.sdf, queues=d.queues,
+            job_states=[job.state.value for job in d.jobs.values()],
+            heartbeat_interval_s=d.heartbeat_interval_s,
+        )
+
+    # --- receiving -----------------------------------------------------------------
+
+    def _on_client(self, frames: list) -> None:
+        d = self.dispatcher
+        try:
+            identity, rest = protocol.split_identity(frames)
+            command, msg = protocol.decode(rest, protocol.CLIENT_TO_BROKER, self.max_message_bytes)
+        except ProtocolError as exc:
+            d.stats.dropped_messages += 1
+            identity = bytes(frames[0]) if frames else b""
+            log.warning("dropped a message from client %s: %s", identity.hex(), exc)
+            request_id = peek_request_id(frames[1:])
+            # Answer only an id not in flight: an accepted request gets exactly one FINAL.
+            if request_id is not None and len(frames) > 1 and not d.holds(identity, request_id):
+                d.reject(identity, request_id, "", Stage.TRANSPORT, exc.code,
+                         f"the broker could not read this request: {exc}")
+            return
+        if command is Command.REQUEST:
+            d.request(identity, msg, time.monotonic())
+        elif command is Command.HEALTH:
+            self.to_client(identity, HealthReply(self.stats()))
+        elif command is Command.HEARTBEAT:
+            self.to_client(identity, BrokerHeartbeat(self.broker_id, d.unknown(identity, msg.request_ids)))
+        elif command is Command.CANCEL:
+            d.cancel(identity, msg.request_ids, time.monotonic())
+
+    def _on_worker(self, frames: list) -> None:
+        try:
+            identity, rest = protocol.split_identity(frames)
+            command, msg = protocol.decode(rest, protocol.WORKER_TO_BROKER, self.max_message_bytes)
+        except ProtocolError as exc:
+            self.dispatcher.stats.dropped_messages += 1
+            identity = bytes(frames[0]) if frames else b""
+            log.warning("dropped a message from GPU worker %s: %s", identity.hex(), exc)
+            head = bytes(frames[1]) if len(frames) > 1 else b""
+            if len(head) == protocol.HEADER_LEN and head[4] == Command.FINAL:
+                self.dispatcher.worker_result_unreadable(identity, str(exc), time.monotonic())
+            return
+        self.dispatcher.worker_message(identity, command, msg, time.monotonic())
+
+    def _on_sdf(self, frames: list) -> None:
+        try:
+            command, msg = protocol.decode(frames, protocol.SDF_TO_BROKER, self.max_message_bytes)
+        except ProtocolError as exc:
+            self.dispatcher.stats.dropped_messages += 1
+            log.warning("dropped a message on the SDF result socket: %s", exc)
+            return
+        self.dispatcher.sdf_message(command, msg, time.monotonic())
+
+    # --- sending (the dispatcher's Outbox) ----------------------------------------
+
+    def to_client(self, identity: bytes, message: Any) -> None:
+        try:
+            self._client.send_multipart([identity, *protocol.encode(message)], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            # The client left (EHOSTUNREACH); when it comes back its heartbeat asks again.
+            log.info("could not deliver %s to client %s: %s", type(message).__name__, identity.hex(), exc)
+
+    def to_worker(self, identity: bytes, message: Any) -> bool:
+        try:
+            self._worker.send_multipart([identity, *protocol.encode(message)], flags=zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.info("could not reach GPU worker %s: %s", identity.hex(), exc)
+            return False
+
+    def to_sdf(self, job: SdfJob) -> bool:
+        cached = self._sdf_frames
+        if cached is not None and cached[:2] == (job.job_id, job.attempt):
+            frames = cached[2]
+        else:
+            frames = protocol.encode(job)
+        try:
+            self._sdf_push.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._sdf_frames = (job.job_id, job.attempt, frames)  # keep the encoding until a pipe has room
+            return False
+        self._sdf_frames = None
+        return True
+
+
+def serve(endpoints: Endpoints, **settings: Any) -> int:
+    """Run a broker until SIGINT or SIGTERM; returns the process exit status
+    (0 after a signal, 1 when it cannot bind). ``settings`` are Broker keyword
+    arguments. Signal handlers are installed only from the main thread."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    broker = Broker(endpoints, **settings)
+    try:
+        broker.bind()
+    except TransportError as exc:
+        log.error("%s", exc)
+        return 1
+    log.info("broker %s listening: clients %s, GPU workers %s, SDF jobs %s, SDF results %s",
+             broker.broker_id, endpoints.client, endpoints.worker, endpoints.sdf_job, endpoints.sdf_result)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        def on_signal(signum: int, _frame: object) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            stop.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        broker.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        broker.close()
+    log.info("broker stopped")
+    return 0

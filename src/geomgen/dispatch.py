@@ -1,0 +1,439 @@
+"""The broker's job life cycle without sockets: queued -> generating ->
+converting -> done / failed, with retries, leases, no-worker waits and cancels.
+
+broker.py decodes what arrives and calls in; everything that goes out leaves
+through an Outbox. Times are monotonic seconds passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any, Iterable, Protocol
+
+from geomgen.errors import InputError, Stage
+from geomgen.jobs import JobRecord, peer_error, validate_request
+from geomgen.protocol import (
+    BrokerHeartbeat,
+    ClientRequest,
+    Command,
+    Disconnect,
+    Event,
+    EventKind,
+    Job,
+    JobResult,
+    JobState,
+    Result,
+    SdfJob,
+    SdfResult,
+    WorkerReady,
+    error_dict,
+)
+from geomgen.scheduling import SDF_POOL, GpuWorker, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
+from geomgen.stats import BrokerStats
+
+log = logging.getLogger("geomgen.broker")
+
+
+class Outbox(Protocol):
+    """Where the dispatcher's messages go (the broker's sockets)."""
+
+    def to_client(self, identity: bytes, message: Any) -> None: ...
+
+    def to_worker(self, identity: bytes, message: Any) -> bool:
+        """False when the worker's connection is gone."""
+
+    def to_sdf(self, job: SdfJob) -> bool:
+        """False when no SDF worker pipe has room; the job stays queued."""
+
+
+class Dispatcher:
+    """Jobs, queues and workers of one broker. Settings as in Broker."""
+
+    def __init__(self, out: Outbox, *, broker_id: str, address: str, heartbeat_interval_s: float,
+                 heartbeat_liveness: int, max_retries: int, no_worker_timeout_s: float, sdf_lease_s: float,
+                 known_backends: Iterable[str], now: float) -> None:
+        self.out = out
+        self.broker_id = broker_id
+        self.address = address  # HOST:PORT clients and workers use, for error messages
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.dead_after_s = heartbeat_liveness * heartbeat_interval_s
+        self.max_retries = max_retries
+        self.no_worker_timeout_s = no_worker_timeout_s
+        self.known_backends = set(known_backends)
+        self.jobs: dict[str, JobRecord] = {}
+        self.keys: dict[tuple[bytes, str], str] = {}  # (client identity, request_id) -> job id
+        self.queues: dict[str, RoundRobinQueue] = {}
+        self.workers = WorkerRegistry()
+        self.registered: set[str] = set()  # backends some worker has registered
+        self.sdf = SdfPool(sdf_lease_s)
+        self.waits = WaitList()
+        self.stats = BrokerStats(started_at=now)
+        self._next_heartbeat = now
+
+    # --- clients ---------------------------------------------------------------
+
+    def holds(self, identity: bytes, request_id: str) -> bool:
+        return (identity, request_id) in self.keys
+
+    def available_backends(self) -> list[str]:
+        return sorted(self.known_backends | self.registered)
+
+    def request(self, identity: bytes, req: ClientRequest, now: float) -> None:
+        """A client's REQUEST: validate, queue, and dispatch if a worker is idle."""
+        if self.holds(identity, req.request_id):
+            log.info("ignored request %s from client %s: already in flight", req.request_id, identity.hex())
+            return
+        try:
+            convert = validate_request(req, lambda name: name in self.known_backends or name in self.registered)
+        except InputError as exc:
+            message = exc.message
+            if exc.code == "unknown_backend":
+                message += f"; available backends: {', '.join(self.available_backends())}"
+            self.reject(identity, req.request_id, req.backend, exc.stage, exc.code, message)
+            return
+        timeout_s = self.no_worker_timeout_s if req.no_worker_timeout_s is None else float(req.no_worker_timeout_s)
+        job = JobRecord(uuid.uuid4().hex, identity, req, convert, req.scene_id or f"client:{identity.hex()}",
+                        accepted_at=now, no_worker_timeout_s=timeout_s)
+        self.jobs[job.job_id] = job
+        self.keys[(identity, req.request_id)] = job.job_id
+        self.stats.accepted += 1
+        self._event(job, EventKind.QUEUED, detail=f"backend {req.backend}, scene {job.scene_key}")
+        self._enqueue(job, now)
+        self._dispatch(req.backend, now)
+
+    def reject(self, identity: bytes, request_id: str, backend: str, stage: Any, code: str, message: str) -> None:
+        """Answer a request that was never accepted with its one FINAL error."""
+        self.stats.rejected += 1
+        log.info("rejected request %s from client %s: %s (%s)", request_id, identity.hex(), message, code)
+        error = error_dict(stage, code, message)
+        self.out.to_client(identity, Result(request_id, ok=False, error=error, backend=backend, attempts=0))
+
+    def unknown(self, identity: bytes, request_ids: list) -> list[str]:
+        """Ids from a client heartbeat that this broker does not hold."""
+        return [r for r in request_ids if isinstance(r, str) and not self.holds(identity, r)]
+
+    def cancel(self, identity: bytes, request_ids: list, now: float) -> None:
+        for request_id in request_ids:
+            job = self.jobs.get(self.keys.get((identity, request_id), "")) if isinstance(request_id, str) else None
+            if job is None:
+                continue
+            if job.waiting_in == SDF_POOL:
+                self.sdf.waiting.remove(job.job_id)
+            elif job.waiting_in is not None:
+                self.queues[job.waiting_in].remove(job.scene_key, job.job_id)
+            elif job.state is JobState.CONVERTING:
+                self.sdf.forget(job.job_id)
+            # A GPU worker running it stays busy until its result comes; that result is discarded.
+            self._finish(job, now, error=error_dict(Stage.TRANSPORT, "cancelled", "cancelled by the client"))
+
+    def _event(self, job: JobRecord, kind: EventKind, *, attempt: int | None = None, detail: str = "",
+               glb: bytes | None = None, timings: dict | None = None, worker: str = "") -> None:
+        attempt = attempt if attempt is not None else max(1, job.attempt)
+        log.info("job %s request %s: %s (attempt %d) %s", job.job_id, job.request.request_id, kind.value, attempt, detail)
+        self.out.to_client(job.client, Event(job.request.request_id, kind.value, attempt, detail, glb,
+                                             timings or {}, worker))
+
+    def _finish(self, job: JobRecord, now: float, *, error: dict | None = None, files: dict | None = None,
+                sdf_file: str | None = None, info: dict | None = None) -> None:
+        """Send the one FINAL of ``job`` and forget the job."""
+        self.jobs.pop(job.job_id, None)
+        self.keys.pop((job.client, job.request.request_id), None)
+        self.waits.cancel(job.job_id)
+        job.state, job.waiting_in = (JobState.FAILED if error else JobState.DONE), None
+        files = dict(files or {})
+        for name, data in job.debug_files.items():  # Result has no field of its own for debug files
+            files["debug/" + str(name).replace("/", "_").replace("\\", "_")] = data
+        info = dict(info or {})
+        if job.gen_info:
+            info["generate"] = job.gen_info
+        timings = job.timings(now)
+        attempts = job.attempt + max(0, job.sdf_attempt - 1)
+        self.out.to_client(job.client, Result(job.request.request_id, error is None, error, files, sdf_file, info,
+                                              timings, job.request.backend, attempts))
+        self.stats.total.add(timings["total_s"])
+        if error is None:
+            self.stats.completed += 1
+            log.info("job %s request %s: done in %.3f s", job.job_id, job.request.request_id, timings["total_s"])
+        else:
+            self.stats.failed += 1
+            self.stats.cancelled += error.get("code") == "cancelled"
+            log.info("job %s request %s: failed (%s/%s): %s", job.job_id, job.request.request_id,
+                     error.get("stage"), error.get("code"), error.get("message"))
+
+    # --- GPU queue and workers ---------------------------------------------------
+
+    def _enqueue(self, job: JobRecord, now: float, front: bool = False) -> None:
+        job.state, job.worker, job.waiting_in = JobState.QUEUED, None, job.request.backend
+        queue = self.queues.get(job.request.backend)
+        if queue is None:
+            queue = self.queues[job.request.backend] = RoundRobinQueue()
+        (queue.push_front if front else queue.push)(job.scene_key, job.job_id)
+        self.waits.arm(job.job_id, job.request.backend, job.no_worker_timeout_s, now)
+
+    def _dispatch(self, backend: str, now: float) -> None:
+        """Hand queued jobs of ``backend`` to its idle workers, in round-robin order."""
+        queue = self.queues.get(backend)
+        while queue and self.workers.has_idle(backend):
+            _, job_id = queue.pop()
+            self._start(self.jobs[job_id], self.workers.take_idle(backend), now)
+
+    def _start(self, job: JobRecord, worker: GpuWorker, now: float) -> None:
+        self.waits.cancel(job.job_id)
+        job.attempt += 1
+        job.state, job.waiting_in, job.worker, job.attempt_started_at = JobState.GENERATING, None, worker.identity, now
+        if job.dispatched_at is None:
+            job.dispatched_at = now
+            self.stats.queue_wait.add(now - job.accepted_at)
+        self.workers.assign(worker, job.job_id, job.attempt, now)
+        req = job.request
+        message = Job(job.job_id, job.attempt, req.backend, req.input_name, req.input_data, req.prompt,
+                      req.backend_options, req.sam3d_config, req.debug)
+        if not self.out.to_worker(worker.identity, message):
+            # The worker's connection is gone and it never saw the job: not a counted attempt.
+            worker.job_id = None
+            self._lose_worker(worker, now, "its connection closed")
+            job.attempt -= 1
+            self._enqueue(job, now, front=True)
+            return
+        self._event(job, EventKind.GENERATING, detail=f"on worker {worker.worker_id}", worker=worker.worker_id)
+
+    def worker_message(self, identity: bytes, command: Command, msg: Any, now: float) -> None:
+        """A decoded message from a GPU worker."""
+        if command is Command.READY:
+            self._worker_ready(identity, msg, now)
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            if command is not Command.DISCONNECT:
+                # Typically this broker restarted: the worker reconnects and says READY again.
+                log.info("told unknown GPU worker %s to reconnect", identity.hex())
+                self.out.to_worker(identity, Disconnect("unknown worker: send READY again", getattr(msg, "worker_id", "")))
+            return
+        worker.last_seen = now
+        if command is Command.HEARTBEAT:
+            if worker.blocked and msg.job_id is None:
+                self.workers.unblock(worker)
+                self._dispatch(worker.backend, now)
+            elif worker.job_id is None and msg.job_id is not None:
+                self.workers.block(worker)  # it runs something we did not give it
+        elif command is Command.PARTIAL:
+            job = self.jobs.get(msg.job_id)
+            if job is not None and job.attempt == msg.attempt and job.worker == identity:
+                self._event(job, EventKind.PROGRESS, detail=msg.detail, worker=worker.worker_id)
+        elif command is Command.FINAL:
+            self._job_result(worker, msg, now)
+        elif command is Command.DISCONNECT:
+            self._lose_worker(worker, now, f"it disconnected ({msg.reason or 'no reason given'})")
+
+    def worker_result_unreadable(self, identity: bytes, reason: str, now: float) -> None:
+        """A known worker's FINAL could not be decoded: fail the job it ran rather than wait forever."""
+        worker = self.workers.get(identity)
+        if worker is None or worker.job_id is None:
+            return
+        job = self.jobs.get(worker.job_id)
+        attempt = worker.attempt
+        self.workers.release(worker)
+        if job is not None and job.attempt == attempt and job.state is JobState.GENERATING:
+            message = f"worker {worker.worker_id} sent a result the broker could not read: {reason}"
+            self._finish(job, now, error=error_dict(Stage.TRANSPORT, "protocol", message))
+        self._dispatch(worker.backend, now)
+
+    def _worker_ready(self, identity: bytes, msg: WorkerReady, now: float) -> None:
+        if not msg.backend or not msg.worker_id:
+            log.warning("GPU worker %s sent READY without backend or worker_id; told it to go", identity.hex())
+            self.out.to_worker(identity, Disconnect("READY needs a backend and a worker_id", msg.worker_id))
+            return
+        worker = GpuWorker(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
+                           last_seen=now)
+        for old in self.workers.add(worker):
+            self._lose_worker(old, now, "it registered again", removed=True)
+        self.registered.add(msg.backend)
+        self.stats.backend(msg.backend).registrations += 1
+        log.info("GPU worker %s ready: backend %s on %s (pid %d, gpu %s)", msg.worker_id, msg.backend,
+                 msg.hostname, msg.pid, msg.gpu)
+        self._dispatch(msg.backend, now)
+
+    def _job_result(self, worker: GpuWorker, res: JobResult, now: float) -> None:
+        if worker.job_id != res.job_id or worker.attempt != res.attempt:
+            self.stats.stale_results += 1
+            log.info("dropped result of job %s attempt %d from worker %s: not its current job",
+                     res.job_id, res.attempt, worker.worker_id)
+            return
+        job = self.jobs.get(res.job_id)
+        current = job is not None and job.attempt == res.attempt and job.state is JobState.GENERATING
+        error = res.error if isinstance(res.error, dict) else {}
+        if not res.ok and error.get("code") == "busy":
+            self.workers.block(worker)  # busy with a job we do not know of; it waits for an idle heartbeat
+            if current:
+                job.attempt -= 1  # a refusal is not an attempt
+                self._enqueue(job, now, front=True)
+                self._dispatch(worker.backend, now)
+            return
+        self.workers.release(worker)
+        counters = self.stats.backend(worker.backend)
+        if not current:
+            self.stats.stale_results += 1
+            log.info("discarded result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt)
+        elif res.ok and res.glb:
+            worker.completed += 1
+            counters.completed += 1
+            self._glb_ready(job, res, worker, now)
+        else:
+            worker.failed += 1
+            counters.failed += 1
+            fallback = "the worker reported success but sent no GLB" if res.ok else "the worker reported a failure"
+            self._finish(job, now, error=peer_error(res.error, Stage.GENERATE, "generate_failed", fallback))
+        self._dispatch(worker.backend, now)
+
+    def _lose_worker(self, worker: GpuWorker, now: float, reason: str, removed: bool = False) -> None:
+        """Forget a dead, silent or departed worker and re-queue the job it ran."""
+        if not removed:
+            self.workers.remove(worker.identity)
+        self.stats.backend(worker.backend).lost += 1
+        log.warning("GPU worker %s (%s) lost: %s", worker.worker_id, worker.backend, reason)
+        job = self.jobs.get(worker.job_id) if worker.job_id else None
+        if job is not None and job.state is JobState.GENERATING and job.attempt == worker.attempt:
+            job.lost += 1
+            if job.lost > self.max_retries:
+                self._finish(job, now, error=error_dict(
+                    Stage.TRANSPORT, "worker_lost",
+                    f"the {worker.backend} worker running this job stopped responding {job.lost} times (last: "
+                    f"{reason}); check the GPU workers' logs for a crash or an out-of-memory kill, then send it again"))
+            else:
+                self.stats.retried += 1
+                self._event(job, EventKind.RETRYING, attempt=job.attempt + 1,
+                            detail=f"worker {worker.worker_id} lost ({reason}); retry {job.lost} of {self.max_retries}")
+                self._enqueue(job, now, front=True)
+        if self.workers.alive(worker.backend) == 0:
+            self.waits.pool_emptied(worker.backend, now)
+
+    # --- SDF pool -------------------------------------------------------------------
+
+    def _glb_ready(self, job: JobRecord, res: JobResult, worker: GpuWorker, now: float) -> None:
+        job.generate_s = now - job.attempt_started_at
+        job.worker_generate_s = res.seconds
+        job.gen_info, job.debug_files = dict(res.info), dict(res.debug_files)
+        job.request.input_data = b""  # a finished generation never runs again; free the input
+        glb = bytes(res.glb)
+        self.stats.generate.add(job.generate_s)
+        self._event(job, EventKind.GLB_READY, glb=glb, timings=job.timings(now), worker=worker.worker_id)
+        if not job.request.want_sdf:
+            self._finish(job, now)
+            return
+        job.state, job.glb, job.sdf_queued_at, job.waiting_in = JobState.CONVERTING, glb, now, SDF_POOL
+        self.sdf.waiting.append(job.job_id)
+        self.waits.arm(job.job_id, SDF_POOL, job.no_worker_timeout_s, now)
+        self.pump_sdf(now)
+
+    def pump_sdf(self, now: float) -> None:
+        """Push waiting SDF jobs while the pool has credit."""
+        pool = self.sdf
+        while pool.waiting and pool.credit() > 0:
+            job = self.jobs[pool.waiting[0]]
+            attempt = job.sdf_attempt + 1
+            if not self.out.to_sdf(SdfJob(job.job_id, attempt, job.request.output_name, job.glb, job.convert)):
+                return
+            pool.waiting.popleft()
+            self.waits.cancel(job.job_id)
+            job.waiting_in, job.sdf_attempt, job.sdf_pushed_at = None, attempt, now
+            pool.pushed(job.job_id, attempt, now)
+            self._event(job, EventKind.CONVERTING, attempt=attempt, detail="pushed to the SDF pool")
+
+    def sdf_message(self, command: Command, msg: Any, now: float) -> None:
+        """A decoded message from an SDF worker."""
+        if command in (Command.READY, Command.HEARTBEAT):
+            if not msg.worker_id:
+                self.stats.dropped_messages += 1
+                log.warning("dropped an SDF status without worker_id")
+                return
+            if self.sdf.status(msg.worker_id, msg.slots, msg.free, msg.held, now, hostname=msg.hostname, pid=msg.pid):
+                log.info("SDF worker %s ready: %d slots on %s (pid %d)", msg.worker_id, msg.slots, msg.hostname, msg.pid)
+            self.pump_sdf(now)
+        elif command is Command.FINAL:
+            self._sdf_result(msg, now)
+        elif command is Command.DISCONNECT:
+            self._lose_sdf_worker(msg.worker_id, now, f"it disconnected ({msg.reason or 'no reason given'})")
+
+    def _sdf_result(self, res: SdfResult, now: float) -> None:
+        worker = self.sdf.workers.get(res.worker_id)
+        if worker is not None:
+            worker.last_seen = now
+            worker.completed += res.ok
+            worker.failed += not res.ok
+        current = self.sdf.finished(res.job_id, res.attempt)
+        job = self.jobs.get(res.job_id)
+        if not current or job is None or job.state is not JobState.CONVERTING or job.sdf_attempt != res.attempt:
+            self.stats.stale_results += 1
+            log.info("discarded SDF result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt)
+            return
+        job.convert_s, job.worker_convert_s = now - job.sdf_pushed_at, res.seconds
+        self.stats.convert.add(job.convert_s)
+        if res.ok and res.files:
+            self._finish(job, now, files=res.files, sdf_file=res.sdf_file, info=res.info)
+        else:
+            fallback = "the SDF worker reported success but sent no files" if res.ok else "the SDF worker reported a failure"
+            self._finish(job, now, error=peer_error(res.error, Stage.CONVERT, "convert_failed", fallback), info=res.info)
+        self.pump_sdf(now)
+
+    def _lose_sdf_worker(self, worker_id: str, now: float, reason: str) -> None:
+        if self.sdf.remove(worker_id, now) is None:
+            return
+        log.warning("SDF worker %s lost: %s", worker_id, reason)
+        if not self.sdf.workers:
+            self.waits.pool_emptied(SDF_POOL, now)
+
+    def _lease_expired(self, job_id: str, attempt: int, now: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not JobState.CONVERTING or job.sdf_attempt != attempt:
+            return
+        job.sdf_lost += 1
+        if job.sdf_lost > self.max_retries:
+            self._finish(job, now, error=error_dict(
+                Stage.CONVERT, "worker_lost",
+                f"the SDF conversion of this job was lost {job.sdf_lost} times (no SDF worker held it for "
+                f"{self.sdf.lease_s:g} s); check the SDF workers' logs for crashes, then send the request again"))
+            return
+        self.stats.repushed += 1
+        self._event(job, EventKind.RETRYING, attempt=attempt + 1,
+                    detail=f"SDF lease ran out; re-push {job.sdf_lost} of {self.max_retries}")
+        job.waiting_in = SDF_POOL
+        self.sdf.waiting.appendleft(job_id)
+        self.waits.arm(job_id, SDF_POOL, job.no_worker_timeout_s, now)
+
+    # --- housekeeping ------------------------------------------------------------
+
+    def housekeeping(self, now: float) -> None:
+        """Expire silent workers, leases and no-worker waits; heartbeat; dispatch."""
+        for worker in self.workers.silent(now, self.dead_after_s):
+            self._lose_worker(worker, now, f"silent for {now - worker.last_seen:.2f} s")
+        for worker_id in self.sdf.silent(now, self.dead_after_s):
+            self._lose_sdf_worker(worker_id, now, f"silent for more than {self.dead_after_s:g} s")
+        for job_id, attempt in self.sdf.expired(now):
+            self._lease_expired(job_id, attempt, now)
+        for job_id, pool in self.waits.due(now, self._live_workers):
+            self._no_worker(self.jobs[job_id], pool, now)
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_interval_s
+            heartbeat = BrokerHeartbeat(self.broker_id)
+            for worker in self.workers:
+                if not self.out.to_worker(worker.identity, heartbeat):
+                    self._lose_worker(worker, now, "its connection closed")
+        for backend, queue in list(self.queues.items()):
+            if queue:
+                self._dispatch(backend, now)
+        self.pump_sdf(now)
+
+    def _live_workers(self, pool: str) -> int:
+        return len(self.sdf.workers) if pool == SDF_POOL else self.workers.alive(pool)
+
+    def _no_worker(self, job: JobRecord, pool: str, now: float) -> None:
+        if pool == SDF_POOL:
+            self.sdf.waiting.remove(job.job_id)
+            message = (f"no SDF worker was connected to convert this GLB within {job.no_worker_timeout_s:g} s; "
+                       f"start one with `geomgen sdf-worker --broker {self.address}`")
+        else:
+            self.queues[pool].remove(job.scene_key, job.job_id)
+            message = (f"no worker for backend {pool!r} was connected within {job.no_worker_timeout_s:g} s; "
+                       f"start one with `geomgen gpu-worker --backend {pool} --broker {self.address}`")
+        self._finish(job, now, error=error_dict(Stage.TRANSPORT, "no_worker", message))

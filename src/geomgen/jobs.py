@@ -1,0 +1,119 @@
+"""The broker's jobs: one record per accepted request, and the checks and
+error maps around it.
+
+Pure state and checks with no sockets; dispatch.py drives them. Times are
+monotonic seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgpack
+
+from geomgen.errors import InputError, Stage
+from geomgen.protocol import ClientRequest, JobState
+
+@dataclass(eq=False)
+class JobRecord:
+    """One accepted request on its way through generate and convert."""
+
+    job_id: str  # uuid hex, the id workers see
+    client: bytes  # the client's DEALER identity
+    request: ClientRequest
+    convert: dict  # validated ConvertOptions as a dict
+    scene_key: str  # scene_id, or client:<identity hex>
+    accepted_at: float
+    no_worker_timeout_s: float
+    state: JobState = JobState.QUEUED
+    waiting_in: str | None = None  # backend name or SDF_POOL while queued, else None
+    attempt: int = 0  # dispatches to GPU workers so far
+    lost: int = 0  # GPU workers lost while running it
+    worker: bytes | None = None  # identity of the GPU worker running it
+    dispatched_at: float | None = None  # first dispatch
+    attempt_started_at: float = 0.0
+    generate_s: float | None = None
+    worker_generate_s: float | None = None
+    gen_info: dict = field(default_factory=dict)
+    debug_files: dict = field(default_factory=dict)
+    glb: bytes | None = None  # kept until converted, for re-pushes
+    sdf_attempt: int = 0  # pushes to the SDF pool so far
+    sdf_lost: int = 0  # leases that ran out
+    sdf_queued_at: float | None = None
+    sdf_pushed_at: float = 0.0
+    convert_s: float | None = None
+    worker_convert_s: float | None = None
+
+    def timings(self, now: float) -> dict[str, float]:
+        """Seconds spent so far: queue wait (accept to first dispatch), generate,
+        SDF wait (GLB ready to the last push), convert, total; broker clock,
+        plus the workers' own figures where they sent one."""
+        first = self.dispatched_at if self.dispatched_at is not None else now
+        out = {"queue_wait_s": first - self.accepted_at, "total_s": now - self.accepted_at}
+        if self.generate_s is not None:
+            out["generate_s"] = self.generate_s
+        if self.worker_generate_s:
+            out["worker_generate_s"] = self.worker_generate_s
+        if self.sdf_queued_at is not None and self.sdf_attempt:
+            out["sdf_wait_s"] = self.sdf_pushed_at - self.sdf_queued_at
+        if self.convert_s is not None:
+            out["convert_s"] = self.convert_s
+        if self.worker_convert_s:
+            out["worker_convert_s"] = self.worker_convert_s
+        return {key: round(value, 6) for key, value in out.items()}
+
+
+def validate_request(req: ClientRequest, is_known: Callable[[str], bool]) -> dict:
+    """Check what decoding cannot: empty names, the conversion options, the
+    backend, the no-worker wait. Returns the validated options as a dict;
+    raises InputError (stage input) with a sentence naming the field."""
+    if not req.request_id:
+        raise InputError("request_id is empty; give every item of a batch its own id", code="bad_request")
+    if not req.backend:
+        raise InputError("backend is empty; name a backend such as silhouette or mesh", code="bad_request")
+    if not req.output_name or req.output_name in (".", "..") or any(c in req.output_name for c in "/\\\0"):
+        raise InputError(
+            f"output_name {req.output_name!r} must be a plain file stem (no folders); it names the GLB and SDF package",
+            code="bad_request",
+        )
+    if not req.input_data:
+        raise InputError(f"input {req.input_name!r} is empty; send the file's bytes", code="bad_request")
+    timeout_s = req.no_worker_timeout_s
+    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s >= 0):
+        raise InputError(f"no_worker_timeout_s must be a number of seconds >= 0, got {timeout_s!r}", code="bad_request")
+    from geomgen.geometry.options import ConvertOptions
+
+    try:
+        convert = ConvertOptions.from_dict(req.convert).to_dict()
+    except InputError:
+        raise
+    except Exception as exc:  # a wrong type deep in an option; still the client's input
+        raise InputError(f"bad conversion options: {exc}", code="bad_option") from None
+    if not is_known(req.backend):
+        raise InputError(f"unknown backend {req.backend!r}", code="unknown_backend")
+    return convert
+
+
+def peek_request_id(frames: list) -> str | None:
+    """The request_id of an undecodable client message, if its body still shows one."""
+    if len(frames) < 2:
+        return None
+    try:
+        body = msgpack.unpackb(frames[1], raw=False)
+    except Exception:  # garbage is expected here; nothing to answer then
+        return None
+    request_id = body.get("request_id") if isinstance(body, dict) else None
+    return request_id if isinstance(request_id, str) else None
+
+
+def peer_error(error: object, stage: Stage, code: str, fallback: str) -> dict[str, str]:
+    """A worker's error map made safe to forward: known stage, string code and message."""
+    error = error if isinstance(error, dict) else {}
+    stages = {s.value for s in Stage}
+    return {
+        "stage": error.get("stage") if error.get("stage") in stages else stage.value,
+        "code": error.get("code") if isinstance(error.get("code"), str) and error.get("code") else code,
+        "message": error.get("message") if isinstance(error.get("message"), str) and error.get("message") else fallback,
+    }

@@ -1,0 +1,404 @@
+"""The broker's bookkeeping: fair per-backend queues, no-worker deadlines, the
+GPU worker registry, and the SDF pool's credits and leases.
+
+Pure state with no sockets, so each rule is unit-tested on its own; broker.py
+feeds it what arrives and acts on what it returns. Times are monotonic seconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+
+class RoundRobinQueue:
+    """One FIFO per scene key, served in strict round-robin over keys with work.
+
+    With scene A holding 10 items and scene B 2, pops go A, B, A, B, A, A, ...
+    A key that gets work joins the rotation at the end; a key whose FIFO runs
+    dry leaves it. Items are opaque hashable ids (the broker uses job ids).
+    """
+
+    def __init__(self) -> None:
+        self._fifos: dict[str, deque[str]] = {}
+        self._rotation: deque[str] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def push(self, key: str, item: str) -> None:
+        """Append ``item`` to the FIFO of ``key``."""
+        fifo = self._fifos.get(key)
+        if fifo is None:
+            fifo = self._fifos[key] = deque()
+            self._rotation.append(key)
+        fifo.append(item)
+        self._size += 1
+
+    def push_front(self, key: str, item: str) -> None:
+        """Put ``item`` first in its key's FIFO (a re-queued job).
+
+        A key with no other work goes to the front of the rotation too: the job
+        already waited its turn once and lost it through no fault of its own.
+        """
+        fifo = self._fifos.get(key)
+        if fifo is None:
+            fifo = self._fifos[key] = deque()
+            self._rotation.appendleft(key)
+        fifo.appendleft(item)
+        self._size += 1
+
+    def pop(self) -> tuple[str, str] | None:
+        """``(key, item)`` next in turn, or None when empty."""
+        if not self._rotation:
+            return None
+        key = self._rotation.popleft()
+        fifo = self._fifos[key]
+        item = fifo.popleft()
+        self._size -= 1
+        if fifo:
+            self._rotation.append(key)
+        else:
+            del self._fifos[key]
+        return key, item
+
+    def remove(self, key: str, item: str) -> bool:
+        """Take ``item`` out of ``key``'s FIFO (a cancel); False if it is not there.
+
+        Linear in that FIFO's length, which is fine for the rare cancel.
+        """
+        fifo = self._fifos.get(key)
+        if fifo is None:
+            return False
+        try:
+            fifo.remove(item)
+        except ValueError:
+            return False
+        self._size -= 1
+        if not fifo:
+            del self._fifos[key]
+            self._rotation.remove(key)
+        return True
+
+    def keys(self) -> list[str]:
+        """Scene keys with work, in the order they will next be served."""
+        return list(self._rotation)
+
+    def __iter__(self) -> Iterator[str]:
+        for fifo in self._fifos.values():
+            yield from fifo
+
+
+SDF_POOL = ""  # wait-pool name of the SDF queue; backend names are never empty
+
+
+class WaitList:
+    """No-worker deadlines of queued jobs, per pool (a backend, or SDF_POOL).
+
+    A job whose deadline passes while its pool has no live worker is due to
+    fail. If the pool has workers (all busy) it is parked instead, and gets one
+    more full wait if the pool later loses its last worker.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._current: dict[str, tuple[str, int, float]] = {}  # job -> (pool, seq, timeout_s)
+        self._parked: dict[str, dict[str, None]] = {}  # pool -> job ids
+        self._seq = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    def arm(self, job_id: str, pool: str, timeout_s: float, now: float) -> None:
+        """Start (or restart) the job's wait in ``pool``."""
+        self.cancel(job_id)
+        seq = next(self._seq)
+        self._current[job_id] = (pool, seq, timeout_s)
+        heapq.heappush(self._heap, (now + timeout_s, seq, job_id))
+
+    def cancel(self, job_id: str) -> None:
+        """The job left its queue (dispatched, cancelled, failed)."""
+        entry = self._current.pop(job_id, None)
+        if entry is not None:
+            self._parked.get(entry[0], {}).pop(job_id, None)
+
+    def due(self, now: float, live: Callable[[str], int]) -> list[tuple[str, str]]:
+        """(job_id, pool) of jobs whose wait ran out with no live worker in
+        their pool; their waits are over. ``live(pool)`` counts live workers."""
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            _, seq, job_id = heapq.heappop(self._heap)
+            entry = self._current.get(job_id)
+            if entry is None or entry[1] != seq:
+                continue
+            pool = entry[0]
+            if live(pool):
+                self._parked.setdefault(pool, {})[job_id] = None
+                continue
+            del self._current[job_id]
+            out.append((job_id, pool))
+        return out
+
+    def pool_emptied(self, pool: str, now: float) -> None:
+        """``pool`` lost its last worker: parked jobs start a new full wait."""
+        for job_id in self._parked.pop(pool, {}):
+            entry = self._current.get(job_id)
+            if entry is not None and entry[0] == pool:
+                heapq.heappush(self._heap, (now + entry[2], entry[1], job_id))
+
+
+# --- GPU workers ----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class GpuWorker:
+    """A registered GPU worker as the broker sees it."""
+
+    identity: bytes  # its DEALER identity on the worker ROUTER
+    worker_id: str
+    backend: str
+    hostname: str = ""
+    pid: int = 0
+    gpu: str | None = None
+    info: dict = field(default_factory=dict)
+    last_seen: float = 0.0
+    job_id: str | None = None  # the job the broker gave it
+    attempt: int = 0
+    job_sent_at: float = 0.0
+    blocked: bool = False  # said "busy" with a job we did not give it; waits for an idle heartbeat
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.job_id is not None or self.blocked
+
+
+class WorkerRegistry:
+    """Live GPU workers by identity, with an ordered idle set per backend so that
+    picking a worker for a job is O(1)."""
+
+    def __init__(self) -> None:
+        self._workers: dict[bytes, GpuWorker] = {}
+        self._by_worker_id: dict[str, bytes] = {}
+        self._idle: dict[str, dict[bytes, None]] = {}
+        self._alive: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def __iter__(self) -> Iterator[GpuWorker]:
+        return iter(list(self._workers.values()))
+
+    def get(self, identity: bytes) -> GpuWorker | None:
+        return self._workers.get(identity)
+
+    def add(self, worker: GpuWorker) -> list[GpuWorker]:
+        """Register ``worker`` as idle; returns the registrations it replaces
+        (same identity, or same worker_id on a new connection), already removed."""
+        replaced = []
+        for identity in {worker.identity, self._by_worker_id.get(worker.worker_id)}:
+            old = self.remove(identity) if identity is not None else None
+            if old is not None:
+                replaced.append(old)
+        self._workers[worker.identity] = worker
+        self._by_worker_id[worker.worker_id] = worker.identity
+        self._alive[worker.backend] = self._alive.get(worker.backend, 0) + 1
+        self._idle.setdefault(worker.backend, {})[worker.identity] = None
+        return replaced
+
+    def remove(self, identity: bytes) -> GpuWorker | None:
+        worker = self._workers.pop(identity, None)
+        if worker is None:
+            return None
+        if self._by_worker_id.get(worker.worker_id) == identity:
+            del self._by_worker_id[worker.worker_id]
+        self._alive[worker.backend] -= 1
+        self._idle.get(worker.backend, {}).pop(identity, None)
+        return worker
+
+    def alive(self, backend: str) -> int:
+        """Live workers registered for ``backend``."""
+        return self._alive.get(backend, 0)
+
+    def has_idle(self, backend: str) -> bool:
+        return bool(self._idle.get(backend))
+
+    def take_idle(self, backend: str) -> GpuWorker | None:
+        """The longest-idle worker of ``backend``, removed from the idle set."""
+        idle = self._idle.get(backend)
+        if not idle:
+            return None
+        identity = next(iter(idle))
+        del idle[identity]
+        return self._workers[identity]
+
+    def assign(self, worker: GpuWorker, job_id: str, attempt: int, now: float) -> None:
+        self._idle.get(worker.backend, {}).pop(worker.identity, None)
+        worker.job_id, worker.attempt, worker.job_sent_at = job_id, attempt, now
+
+    def release(self, worker: GpuWorker) -> None:
+        """The worker finished its job: idle again unless it is blocked."""
+        worker.job_id, worker.attempt = None, 0
+        if not worker.blocked and worker.identity in self._workers:
+            self._idle.setdefault(worker.backend, {})[worker.identity] = None
+
+    def block(self, worker: GpuWorker) -> None:
+        worker.blocked = True
+        worker.job_id, worker.attempt = None, 0
+        self._idle.get(worker.backend, {}).pop(worker.identity, None)
+
+    def unblock(self, worker: GpuWorker) -> None:
+        worker.blocked = False
+        if worker.job_id is None and worker.identity in self._workers:
+            self._idle.setdefault(worker.backend, {})[worker.identity] = None
+
+    def silent(self, now: float, timeout_s: float) -> list[GpuWorker]:
+        """Workers not heard from for more than ``timeout_s``."""
+        return [w for w in self._workers.values() if now - w.last_seen > timeout_s]
+
+
+# --- SDF pool -------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SdfWorker:
+    worker_id: str
+    slots: int = 0
+    free: int = 0
+    held: list = field(default_factory=list)  # [[job_id, attempt], ...] as last reported
+    hostname: str = ""
+    pid: int = 0
+    last_seen: float = 0.0
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass
+class Lease:
+    attempt: int
+    deadline: float
+    worker_id: str | None = None  # last SDF worker seen holding it
+
+
+class SdfPool:
+    """Credit-based flow and leases for the PUSH/PULL SDF pool (docs/protocol.md).
+
+    credit = sum(free slots of live workers) - (pushed jobs not yet seen held):
+    a job is pushed only while credit > 0. Each pushed (job, attempt) has a
+    lease renewed whenever a status lists it in ``held``; ``expired()`` returns
+    those whose lease ran out so the broker can push them again.
+    """
+
+    def __init__(self, lease_s: float) -> None:
+        self.lease_s = lease_s
+        self.workers: dict[str, SdfWorker] = {}
+        self.waiting: deque[str] = deque()  # job ids waiting for a slot
+        self._free_total = 0
+        self._unseen: set[tuple[str, int]] = set()
+        self._leases: dict[str, Lease] = {}
+        self._heap: list[tuple[float, str, int]] = []
+
+    @property
+    def slots(self) -> int:
+        return sum(w.slots for w in self.workers.values())
+
+    @property
+    def free(self) -> int:
+        return self._free_total
+
+    @property
+    def in_flight(self) -> int:
+        """Pushed jobs with a live lease."""
+        return len(self._leases)
+
+    def credit(self) -> int:
+        return self._free_total - len(self._unseen)
+
+    def status(self, worker_id: str, slots: int, free: int, held: list, now: float, **about) -> bool:
+        """Apply an SdfStatus; True when the worker is new. Renews the leases of
+        the current attempts it holds. Malformed ``held`` entries are skipped."""
+        slots = max(0, slots)
+        free = max(0, min(free, slots))
+        worker = self.workers.get(worker_id)
+        is_new = worker is None
+        if worker is None:
+            worker = self.workers[worker_id] = SdfWorker(worker_id)
+        self._free_total += free - worker.free
+        worker.slots, worker.free, worker.last_seen = slots, free, now
+        worker.hostname = about.get("hostname", worker.hostname)
+        worker.pid = about.get("pid", worker.pid)
+        worker.held = []
+        for entry in held:
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+                continue
+            job_id, attempt = entry
+            if not isinstance(job_id, str) or not isinstance(attempt, int):
+                continue
+            worker.held.append([job_id, attempt])
+            # A held job now counts in this worker's `free`, not as an unseen push.
+            self._unseen.discard((job_id, attempt))
+            lease = self._leases.get(job_id)
+            if lease is not None and lease.attempt == attempt:
+                lease.deadline = now + self.lease_s
+                lease.worker_id = worker_id
+        return is_new
+
+    def pushed(self, job_id: str, attempt: int, now: float) -> None:
+        deadline = now + self.lease_s
+        self._leases[job_id] = Lease(attempt, deadline)
+        self._unseen.add((job_id, attempt))
+        heapq.heappush(self._heap, (deadline, job_id, attempt))
+
+    def finished(self, job_id: str, attempt: int) -> bool:
+        """A result for (job, attempt) arrived: True if it is the current attempt
+        (its lease is dropped), False for a superseded or unknown one."""
+        self._unseen.discard((job_id, attempt))
+        lease = self._leases.get(job_id)
+        if lease is None or lease.attempt != attempt:
+            return False
+        del self._leases[job_id]
+        return True
+
+    def forget(self, job_id: str) -> None:
+        """Stop tracking a job's lease (cancelled). Its unseen push keeps
+        counting against credit until its lease deadline, since the message may
+        still sit in a worker's pipe."""
+        self._leases.pop(job_id, None)
+
+    def expired(self, now: float) -> list[tuple[str, int]]:
+        """(job_id, attempt) pairs whose lease ran out; their leases are dropped."""
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            _, job_id, attempt = heapq.heappop(self._heap)
+            self._unseen.discard((job_id, attempt))
+            lease = self._leases.get(job_id)
+            if lease is None or lease.attempt != attempt:
+                continue
+            if lease.deadline > now:  # renewed since this entry was pushed
+                heapq.heappush(self._heap, (lease.deadline, job_id, attempt))
+                continue
+            del self._leases[job_id]
+            out.append((job_id, attempt))
+        return out
+
+    def remove(self, worker_id: str, now: float) -> SdfWorker | None:
+        """Drop a dead or departed worker: its slots stop counting and the
+        leases of the jobs it held run out now."""
+        worker = self.workers.pop(worker_id, None)
+        if worker is None:
+            return None
+        self._free_total -= worker.free
+        for job_id, attempt in worker.held:
+            lease = self._leases.get(job_id)
+            if lease is not None and lease.attempt == attempt:
+                lease.deadline = now
+                heapq.heappush(self._heap, (now, job_id, attempt))
+        return worker
+
+    def silent(self, now: float, timeout_s: float) -> list[str]:
+        return [w.worker_id for w in self.workers.values() if now - w.last_seen > timeout_s]
