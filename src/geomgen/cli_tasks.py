@@ -242,6 +242,13 @@ def render_health(stats: dict) -> str:
     for name, b in sorted(stats.get("backends", {}).items()):
         lines.append(f"{name:<14}{b.get('alive', 0):>6}{b.get('busy', 0):>6}{b.get('queued', 0):>8}"
                      f"{b.get('completed', 0):>11}{b.get('failed', 0):>8}")
+    workers = stats.get("workers", [])
+    if workers:
+        lines += ["", f"{'worker':<14}{'backend':<12}{'host':<16}{'gpu':<5}{'pid':>8}  {'state':<6}{'done':>6}"]
+    for w in workers:
+        lines.append(f"{str(w.get('worker_id', '?'))[:12]:<14}{w.get('backend', '?'):<12}"
+                     f"{str(w.get('hostname', ''))[:15]:<16}{str(w.get('gpu') or '-'):<5}{w.get('pid', '-')!s:>8}  "
+                     f"{'busy' if w.get('busy') else 'idle':<6}{w.get('completed', 0):>6}")
     lines += [
         "",
         f"SDF workers {len(stats.get('sdf_workers', []))}: {stats.get('sdf_slots', 0)} slots, "

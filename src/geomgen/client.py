@@ -145,7 +145,7 @@ class GeometryClient:
             return None
 
     def _silence(self, seconds: float) -> str:
-        return f"no answer from the broker at {self.address} for {seconds:.0f} s; is `geomgen broker` running?"
+        return f"no answer from the broker at {self.address} for {seconds:.3g} s; is `geomgen broker` running?"
 
     # --- health ---------------------------------------------------------------------
 

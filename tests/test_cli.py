@@ -1,0 +1,167 @@
+"""The command line and the launcher: every command's --help, one-line errors,
+`geomgen health` against a real broker process, `geomgen generate --json`
+end to end through an embedded stack, `geomgen convert --json`, `geomgen serve`
+stopped with Ctrl-C, and GeometryServer reporting a worker that cannot start."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from geomgen.cli import cli
+from geomgen.errors import TransportError
+from geomgen.server import GeometryServer
+from tests.conftest import REPO, free_base_port, wait_for
+
+SAMPLES = REPO / "src" / "geomgen" / "samples"
+COMMANDS = ["broker", "gpu-worker", "sdf-worker", "serve", "generate", "demo", "health", "convert", "doctor"]
+
+
+def geomgen(*args: str, timeout_s: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -m geomgen ARGS`` as a real process."""
+    return subprocess.run([sys.executable, "-m", "geomgen", *args], capture_output=True, text=True,
+                          timeout=timeout_s, env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert f"Usage: cli {command}" in result.output or f"Usage: geomgen {command}" in result.output
+    first_line = result.output.split("\n\n")[1].strip()
+    assert len(first_line) > 20, f"{command} --help needs a sentence saying what it does"
+
+
+def test_top_level_help_lists_every_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["health", "--broker", "tcp://[oops"], "cannot read broker address"),
+    (["gpu-worker", "--backend", "mesh", "--backend-option", "no-equals-sign"], "expected KEY=VALUE"),
+    (["generate", "x.png", "--out", "o", "--mass-kg", "1", "--density", "2"], "at most one of"),
+])
+def test_bad_arguments_give_one_clear_line(args, message):
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_health_of_a_real_broker(procs, endpoints):
+    procs.start("broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port))
+    address = f"127.0.0.1:{endpoints.client_port}"
+    as_json = geomgen("health", "--broker", address, "--json", "--timeout", "20")
+    assert as_json.returncode == 0, as_json.stderr
+    stats = json.loads(as_json.stdout)
+    assert stats["in_flight"] == 0 and "silhouette" in stats["backends"] and stats["uptime_s"] >= 0
+    table = geomgen("health", "--broker", f"tcp://{address}", "--timeout", "20")
+    assert table.returncode == 0, table.stderr
+    assert stats["broker_id"] in table.stdout and "silhouette" in table.stdout and "SDF workers" in table.stdout
+
+
+def test_health_without_a_broker_is_one_line():
+    port = free_base_port()
+    result = geomgen("health", "--broker", f"127.0.0.1:{port}", "--timeout", "0.5", timeout_s=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"geomgen: error: no answer from the broker at tcp://127.0.0.1:{port} for 0.5 s; "
+        "is `geomgen broker` running?"
+    ]
+
+
+def test_generate_json_with_an_embedded_stack(tmp_path):
+    """An image, a mesh and a missing file: one JSON object each, the SDFs load
+    in Drake, the missing file is an input error, the exit code says one failed."""
+    from geomgen.geometry.drake_check import validate_sdf
+
+    image, mesh = SAMPLES / "chair.png", SAMPLES / "table.glb"
+    out = tmp_path / "out"
+    result = geomgen("generate", str(image), str(mesh), str(tmp_path / "missing.png"), "--out", str(out),
+                     "--collision", "hull", "--mass-kg", "2.5", "--sdf-workers", "1", "--json", "--timeout", "60")
+    assert result.returncode == 1, result.stderr
+    rows = {row["index"]: row for row in json_lines(result.stdout)}
+    assert sorted(rows) == [0, 1, 2]
+    for index, backend in ((0, "silhouette"), (1, "mesh")):
+        row = rows[index]
+        assert row["status"] == "ok", row
+        assert set(row) >= {"index", "input", "status", "glb_path", "sdf_path", "stage", "error", "seconds"}
+        assert row["backend"] == backend and row["seconds"] > 0
+        assert Path(row["glb_path"]).stat().st_size > 0
+        assert validate_sdf(Path(row["sdf_path"]))["mass"] == pytest.approx(2.5)
+    assert rows[0]["sdf_path"] == str(out / "chair" / "chair.sdf")
+    assert rows[2]["status"] == "error" and rows[2]["stage"] == "input" and "missing.png" in rows[2]["error"]
+    assert "backend(s) used: mesh, silhouette" in result.stderr
+
+
+def test_convert_json(tmp_path):
+    out = tmp_path / "assets"
+    bogus = tmp_path / "notes.obj"
+    bogus.write_text("this is not a mesh\n")
+    result = geomgen("convert", str(SAMPLES / "table.glb"), str(bogus), "--out", str(out), "--collision", "hull",
+                     "--material", "wood", "--json")
+    assert result.returncode == 1, result.stderr
+    rows = json_lines(result.stdout)
+    assert [r["status"] for r in rows] == ["ok", "error"]
+    assert Path(rows[0]["sdf_path"]).is_file() and rows[0]["method"] == "hull" and rows[0]["mass_kg"] > 0
+    assert rows[0]["collision_pieces"] == 1 and rows[1]["error"] and "notes.obj" in rows[1]["input"]
+
+
+def test_serve_stops_every_process_on_ctrl_c(tmp_path):
+    """`geomgen serve` until SIGINT: the broker and its workers all exit."""
+    from geomgen.client import GeometryClient
+
+    port = free_base_port()
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "geomgen", "serve", "--backend", "mesh", "--sdf-workers", "1",
+                              "--port", str(port), "--log-dir", str(tmp_path / "logs")], stdout=log,
+                             stderr=subprocess.STDOUT)
+    try:
+        with GeometryClient(f"127.0.0.1:{port}", timeout_s=30) as client:
+            stats = wait_for(lambda: (s := client.health()) if s["backends"]["mesh"]["alive"] and s["sdf_slots"]
+                             else None, timeout_s=60, interval_s=0.2, what="serve ready")
+        pids = [w["pid"] for w in stats["workers"]] + [w["pid"] for w in stats["sdf_workers"]]
+        assert len(pids) == 2
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(timeout=30) == 0
+        wait_for(lambda: not any(_alive(pid) for pid in pids), timeout_s=10, what="children gone")
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+        log.close()
+    assert "serving on tcp://127.0.0.1:" in (tmp_path / "serve.log").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_server_names_a_worker_that_cannot_start(tmp_path):
+    server = GeometryServer(backends=["mesh", "sam3d"], sdf_workers=0, base_port=0, gpus=[], log_dir=tmp_path)
+    try:
+        server.start()
+        with pytest.raises(TransportError, match="gpu-worker-sam3d exited") as caught:
+            server.wait_until_ready(60)
+        assert "sam3d" in str(caught.value).split("ends with:")[1], "the error carries the tail of the worker's log"
+        assert str(tmp_path / "gpu-worker-sam3d.log") in str(caught.value)
+    finally:
+        server.stop()
+    assert not server.children
