@@ -1,0 +1,123 @@
+"""One GLB -> SDF conversion, run in a child process of the SDF worker.
+
+The worker starts :func:`run` in a fresh process per job (forked from a warm
+forkserver), so a crash or hang in native code (CoACD, V-HACD, Drake) costs
+only that job. The outcome is written to ``<job_dir>/result.msgpack``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+
+from geomgen import protocol
+from geomgen.errors import GeomgenError, InputError, Stage
+
+CONVERT_FN_ENV = "GEOMGEN_CONVERT_FN"  # "module:function" with convert_mesh's signature
+DEFAULT_CONVERT_FN = "geomgen.geometry.convert:convert_mesh"
+RESULT_FILE = "result.msgpack"
+OUT_DIR = "out"  # under the job dir; the package lands in out/<name>/
+# Imported once by the forkserver so each conversion child starts warm; names
+# that are not installed are skipped by multiprocessing.
+WARM_MODULES = ("numpy", "trimesh", "pydrake.multibody.parsing", "pydrake.multibody.plant",
+                "pydrake.systems.framework")
+
+
+def convert_fn_spec() -> str:
+    """The conversion function's "module:function", from GEOMGEN_CONVERT_FN."""
+    return os.environ.get(CONVERT_FN_ENV, "").strip() or DEFAULT_CONVERT_FN
+
+
+def resolve_convert_fn(spec: str | None = None) -> Callable[..., Any]:
+    """Import the conversion function named by ``spec`` (default: the env var).
+
+    Raises InputError naming the variable when it cannot be found.
+    """
+    spec = spec or convert_fn_spec()
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr or "convert_mesh")
+    except (ImportError, AttributeError) as exc:
+        raise InputError(
+            f"cannot load the conversion function {spec!r} ({exc}); check {CONVERT_FN_ENV} "
+            "or that geomgen is installed completely",
+            code="converter_missing", stage=Stage.CONVERT,
+        ) from exc
+    if not callable(fn):
+        raise InputError(f"{spec!r} is not a function; check {CONVERT_FN_ENV}", code="converter_missing",
+                         stage=Stage.CONVERT)
+    return fn
+
+
+def preload_modules() -> list[str]:
+    """Modules the worker's forkserver imports before forking conversion children."""
+    return [__name__, convert_fn_spec().partition(":")[0], *WARM_MODULES]
+
+
+def check() -> None:
+    """Run in a first child at worker start: proves children start and the
+    conversion function imports; raises InputError otherwise."""
+    resolve_convert_fn()
+
+
+def run(job_dir: str, glb: bytes, input_name: str, name: str, options: dict) -> None:
+    """Child process body: convert ``glb`` into ``<job_dir>/out/<name>/`` and
+    write the outcome map (ok, info, sdf_file | error) to ``<job_dir>/result.msgpack``.
+
+    ``options`` is a ConvertOptions dict the parent already validated.
+    """
+    # Own process group: the worker kills the whole tree (decomposition
+    # grandchildren included) on timeout or shutdown.
+    try:
+        os.setsid()
+    except OSError:  # already a group leader: killing the group still works
+        pass
+    root = Path(job_dir)
+    out_dir = root / OUT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        from geomgen.geometry.options import ConvertOptions
+
+        convert = resolve_convert_fn()
+        report = convert(glb, input_name, out_dir, name, ConvertOptions.from_dict(options))
+        outcome = {"ok": True, "info": plain(report.to_dict()), "sdf_file": _relative(report.sdf_path, out_dir)}
+    except GeomgenError as exc:
+        outcome = {"ok": False, "error": exc.to_dict()}
+    except Exception as exc:  # noqa: BLE001 - a bug in the converter fails this job, clearly
+        outcome = {"ok": False, "error": protocol.error_dict(
+            Stage.CONVERT, "convert_failed", f"the conversion raised {type(exc).__name__}: {exc}")}
+    # Write then rename: the parent never reads half a result from a child killed mid-write.
+    partial = root / (RESULT_FILE + ".part")
+    partial.write_bytes(msgpack.packb(outcome, use_bin_type=True))
+    partial.rename(root / RESULT_FILE)
+
+
+def _relative(sdf_path: Any, out_dir: Path) -> str:
+    path = Path(sdf_path)
+    if not path.is_absolute():
+        path = out_dir / path
+    try:
+        return path.resolve().relative_to(out_dir.resolve()).as_posix()
+    except ValueError:
+        raise GeomgenError(f"the converter wrote its SDF outside its output folder ({path})",
+                           code="convert_failed", stage=Stage.CONVERT) from None
+
+
+def plain(value: Any) -> Any:
+    """``value`` with numpy scalars / arrays, paths and tuples turned into
+    msgpack-able Python types (maps keep string keys)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, bytes, bool, int, float)) or value is None:
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist"):  # numpy arrays and scalars
+        return plain(value.tolist())
+    return str(value)

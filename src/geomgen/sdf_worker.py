@@ -1,0 +1,423 @@
+"""The SDF worker process: pulls GLBs from the broker and pushes back Drake SDF packages.
+
+It holds at most ``procs`` jobs, announces its free slots on every change, and
+runs each conversion in its own child process, so a crash, a hang or a leak in
+native code fails one job and never the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import zmq
+
+from geomgen import convert_child, defaults, protocol
+from geomgen.endpoints import Endpoints
+from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
+
+log = logging.getLogger("geomgen.sdf_worker")
+
+KILL_WAIT_S = 5.0  # how long to wait for a killed child to be reaped
+START_CHECK_TIMEOUT_S = 120.0  # first child at start-up: forkserver launch plus warm imports
+MAX_NAME_CHARS = 200
+PACKAGE_LIMIT_BYTES = defaults.MAX_MESSAGE_BYTES - 1024 * 1024  # room for the rest of the result
+
+
+@dataclass
+class _Conversion:
+    job_id: str
+    attempt: int
+    name: str
+    process: multiprocessing.process.BaseProcess
+    job_dir: Path
+    started_s: float  # time.monotonic()
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class SdfWorker:
+    """PULLs SdfJobs (only while a slot is free), converts each in a child
+    process, PUSHes SdfResults and SdfStatus heartbeats to the broker.
+
+    Drive it with ``run(stop_event)`` or ``run_once(timeout_s)``; ``stop()``
+    says DISCONNECT and kills running conversions; ``close()`` frees sockets.
+    """
+
+    def __init__(
+        self,
+        endpoints: Endpoints,
+        *,
+        procs: int = 1,
+        heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+        convert_timeout_s: float = defaults.SDF_CONVERT_TIMEOUT_S,
+        worker_id: str | None = None,
+    ):
+        if procs < 1:
+            raise InputError(f"procs must be at least 1, got {procs}", code="bad_option")
+        self.endpoints = endpoints
+        self.slots = procs
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.convert_timeout_s = convert_timeout_s
+        self.worker_id = worker_id or f"sdf-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.completed = 0
+        self.failed = 0
+        self.max_held = 0  # the most jobs held at once, never above slots
+
+        self._mp = multiprocessing.get_context("forkserver")
+        self._mp.set_forkserver_preload(convert_child.preload_modules())
+        self._running: dict[int, _Conversion] = {}  # by process sentinel fd
+        self._ctx = zmq.Context()
+        self._jobs = self._ctx.socket(zmq.PULL)
+        self._jobs.setsockopt(zmq.RCVHWM, 1)
+        self._jobs.setsockopt(zmq.LINGER, 0)
+        self._jobs.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
+        self._jobs.connect(endpoints.sdf_job)
+        self._results = self._ctx.socket(zmq.PUSH)
+        self._results.setsockopt(zmq.LINGER, 0)
+        self._results.connect(endpoints.sdf_result)
+        self._next_heartbeat_s = 0.0
+        self._announced = False
+        self._closed = False
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self._running)
+
+    # --- the loop -------------------------------------------------------------
+
+    def check_children(self, timeout_s: float = START_CHECK_TIMEOUT_S) -> None:
+        """Start one child that only imports the conversion function: launches
+        the forkserver (warm imports) before READY. Raises InputError if
+        children cannot start or the converter cannot be imported."""
+        started_s = time.monotonic()
+        probe = self._mp.Process(target=convert_child.check, name="convert-check", daemon=False)
+        probe.start()
+        probe.join(timeout_s)
+        if probe.exitcode is None:
+            probe.kill()
+            probe.join(KILL_WAIT_S)
+            raise InputError(f"a conversion process did not start within {timeout_s:g} s", code="start_failed",
+                             stage=Stage.CONVERT)
+        if probe.exitcode != 0:
+            raise InputError(
+                f"a conversion process failed at start (exit code {probe.exitcode}); the converter "
+                f"{convert_child.convert_fn_spec()!r} cannot be imported here - see the log above",
+                code="start_failed", stage=Stage.CONVERT,
+            )
+        probe.close()
+        log.info("conversion processes ready in %.2f s", time.monotonic() - started_s)
+
+    def run(self, stop_event: threading.Event) -> None:
+        """Serve until ``stop_event`` is set, then ``stop()``."""
+        while not stop_event.is_set():
+            self.run_once(defaults.POLL_INTERVAL_S)
+        self.stop()
+
+    def run_once(self, timeout_s: float) -> None:
+        """One turn: poll at most ``timeout_s`` for jobs (only with a free slot)
+        and for ending children, handle them, expire late conversions, heartbeat."""
+        if not self._announced:
+            self._send_status(protocol.Command.READY)
+            self._announced = True
+        now_s = time.monotonic()
+        poller = zmq.Poller()
+        if self.free > 0:
+            poller.register(self._jobs, zmq.POLLIN)
+        for fd in self._running:
+            poller.register(fd, zmq.POLLIN)
+        deadlines = [c.started_s + self.convert_timeout_s for c in self._running.values()]
+        wait_s = min([timeout_s, self._next_heartbeat_s - now_s, *(d - now_s for d in deadlines)])
+        events = dict(poller.poll(math.ceil(max(0.0, wait_s) * 1000.0)))
+        for fd in [fd for fd in self._running if fd in events]:
+            self._finish(self._running.pop(fd))
+        if self._jobs in events:
+            self._take_jobs()
+        self._expire()
+        if time.monotonic() >= self._next_heartbeat_s:
+            self._send_status(protocol.Command.HEARTBEAT)
+
+    def stop(self) -> None:
+        """Say DISCONNECT and kill running conversions (the broker's lease
+        re-pushes them elsewhere)."""
+        self._send(protocol.encode(protocol.Disconnect(reason="shutdown", worker_id=self.worker_id)))
+        for conversion in list(self._running.values()):
+            log.warning("stopping: abandoning job %s", conversion.job_id)
+            self._kill(conversion)
+            shutil.rmtree(conversion.job_dir, ignore_errors=True)
+        self._running.clear()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conversion in self._running.values():
+            self._kill(conversion)
+            shutil.rmtree(conversion.job_dir, ignore_errors=True)
+        self._running.clear()
+        self._jobs.close(linger=0)
+        # A short linger lets the last results and the DISCONNECT reach the broker.
+        self._results.close(linger=1000)
+        self._ctx.term()
+
+    def __enter__(self) -> "SdfWorker":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- messages -------------------------------------------------------------
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self._results.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("the broker's result queue is full; a message was dropped (the lease will re-push)")
+
+    def _send_status(self, command: protocol.Command) -> None:
+        held = [[c.job_id, c.attempt] for c in self._running.values()]
+        status = protocol.SdfStatus(
+            worker_id=self.worker_id, slots=self.slots, free=self.free, held=held,
+            hostname=socket.gethostname(), pid=os.getpid(), heartbeat_interval_s=self.heartbeat_interval_s,
+        )
+        self._send(protocol.encode(status, command))
+        self._next_heartbeat_s = time.monotonic() + self.heartbeat_interval_s
+
+    def _reply(self, job: protocol.SdfJob, *, error: dict | None = None, files: dict | None = None,
+               sdf_file: str | None = None, info: dict | None = None, seconds: float = 0.0) -> None:
+        result = protocol.SdfResult(
+            worker_id=self.worker_id, job_id=job.job_id, attempt=job.attempt, ok=error is None,
+            files=files or {}, sdf_file=sdf_file, info=info or {}, error=error, seconds=seconds,
+        )
+        if error is None:
+            self.completed += 1
+            log.info("job %s attempt %d converted in %.2f s", job.job_id, job.attempt, seconds)
+        else:
+            self.failed += 1
+            log.warning("job %s attempt %d failed after %.2f s: %s/%s: %s", job.job_id, job.attempt, seconds,
+                        error["stage"], error["code"], error["message"])
+        self._send(protocol.encode(result, protocol.Command.FINAL))
+
+    def _take_jobs(self) -> None:
+        while self.free > 0:
+            try:
+                frames = self._jobs.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            try:
+                _, job = protocol.decode(frames, protocol.BROKER_TO_SDF)
+            except ProtocolError as exc:
+                log.warning("dropped a job message: %s", exc)
+                continue
+            try:
+                options = self._checked(job)
+            except GeomgenError as exc:
+                self._reply(job, error=exc.to_dict())
+                continue
+            self._start(job, options)
+        self._send_status(protocol.Command.HEARTBEAT)
+
+    @staticmethod
+    def _checked(job: protocol.SdfJob) -> dict:
+        """The job's ConvertOptions as a validated dict; InputError otherwise."""
+        from geomgen.geometry.options import ConvertOptions
+
+        name = job.name
+        if (not name or len(name) > MAX_NAME_CHARS or name in (".", "..")
+                or any(c in name for c in "/\\\0")):
+            raise InputError(f"output name {name!r} is not a plain file name", code="bad_name")
+        if not job.glb:
+            raise InputError("the job carries no GLB bytes", code="bad_mesh")
+        try:
+            return ConvertOptions.from_dict(job.options).to_dict()
+        except TypeError as exc:  # a value of a type the dataclass cannot take
+            raise InputError(f"bad conversion options: {exc}", code="bad_option") from None
+
+    def _start(self, job: protocol.SdfJob, options: dict) -> None:
+        job_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-sdf-{job.job_id[:16]}-"))
+        process = self._mp.Process(
+            target=convert_child.run, args=(str(job_dir), job.glb, f"{job.name}.glb", job.name, options),
+            name=f"convert-{job.job_id}", daemon=False,  # it may start its own children
+        )
+        try:
+            process.start()
+        except Exception as exc:  # noqa: BLE001 - fork/forkserver failures end this job only
+            shutil.rmtree(job_dir, ignore_errors=True)
+            self._reply(job, error=protocol.error_dict(
+                Stage.CONVERT, "crashed", f"could not start a conversion process ({type(exc).__name__}: {exc})"))
+            return
+        self._running[process.sentinel] = _Conversion(job.job_id, job.attempt, job.name, process, job_dir,
+                                                      time.monotonic())
+        self.max_held = max(self.max_held, len(self._running))
+        log.info("job %s attempt %d: converting %s (%d bytes) in pid %s", job.job_id, job.attempt, job.name,
+                 len(job.glb), process.pid)
+
+    # --- children -------------------------------------------------------------
+
+    def _expire(self) -> None:
+        now_s = time.monotonic()
+        for fd, conversion in list(self._running.items()):
+            if now_s - conversion.started_s <= self.convert_timeout_s:
+                continue
+            del self._running[fd]
+            self._kill(conversion)
+            shutil.rmtree(conversion.job_dir, ignore_errors=True)
+            self._reply(_job_of(conversion), seconds=now_s - conversion.started_s, error=protocol.error_dict(
+                Stage.CONVERT, "timeout",
+                f"the conversion ran past the {self.convert_timeout_s:g} s limit and was stopped; try "
+                "collision='hull' or a smaller simplify_faces for this mesh, or raise the SDF worker's "
+                "conversion timeout",
+            ))
+            self._send_status(protocol.Command.HEARTBEAT)
+
+    def _finish(self, conversion: _Conversion) -> None:
+        """A child ended: reply with its package or with why it failed."""
+        process = conversion.process
+        process.join(KILL_WAIT_S)
+        seconds = time.monotonic() - conversion.started_s
+        exitcode = process.exitcode
+        self._kill_group(process.pid)  # grandchildren it may have left behind
+        process.close()
+        try:
+            reply = self._outcome(conversion, exitcode)
+        finally:
+            shutil.rmtree(conversion.job_dir, ignore_errors=True)
+        self._reply(_job_of(conversion), seconds=seconds, **reply)
+        self._send_status(protocol.Command.HEARTBEAT)
+
+    def _outcome(self, conversion: _Conversion, exitcode: int | None) -> dict:
+        result_path = conversion.job_dir / convert_child.RESULT_FILE
+        if exitcode is not None and exitcode < 0:
+            signame = _signal_name(-exitcode)
+            return {"error": protocol.error_dict(
+                Stage.CONVERT, "crashed",
+                f"the conversion process died with signal {-exitcode} ({signame}); native code in the "
+                "decomposition or mesh libraries failed on this mesh - try collision='hull' or repair the mesh",
+            )}
+        if exitcode != 0 or not result_path.is_file():
+            return {"error": protocol.error_dict(
+                Stage.CONVERT, "crashed",
+                f"the conversion process exited with status {exitcode} without a result; see the SDF worker's log",
+            )}
+        try:
+            outcome = msgpack.unpackb(result_path.read_bytes(), raw=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged result file is this job's failure
+            return {"error": protocol.error_dict(Stage.CONVERT, "crashed", f"unreadable conversion result ({exc})")}
+        if not outcome.get("ok"):
+            return {"error": outcome.get("error") or protocol.error_dict(
+                Stage.CONVERT, "convert_failed", "the conversion failed without saying why")}
+        out_dir = conversion.job_dir / convert_child.OUT_DIR
+        files, total = {}, 0
+        for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+            total += path.stat().st_size
+            if total > PACKAGE_LIMIT_BYTES:
+                return {"error": protocol.error_dict(
+                    Stage.CONVERT, "too_large",
+                    f"the SDF package exceeds {PACKAGE_LIMIT_BYTES // 2**20} MiB; simplify the mesh or its textures",
+                )}
+            files[path.relative_to(out_dir).as_posix()] = path.read_bytes()
+        if outcome.get("sdf_file") not in files:
+            return {"error": protocol.error_dict(
+                Stage.CONVERT, "convert_failed", "the conversion reported success but wrote no SDF file")}
+        return {"files": files, "sdf_file": outcome["sdf_file"], "info": outcome.get("info") or {}}
+
+    def _kill(self, conversion: _Conversion) -> None:
+        process = conversion.process
+        self._kill_group(process.pid)
+        process.kill()
+        process.join(KILL_WAIT_S)
+        if process.exitcode is not None:
+            process.close()
+
+    @staticmethod
+    def _kill_group(pid: int | None) -> None:
+        # The child made itself a group leader (pgid == pid) at start.
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _job_of(conversion: _Conversion) -> protocol.SdfJob:
+    return protocol.SdfJob(job_id=conversion.job_id, attempt=conversion.attempt, name=conversion.name, glb=b"")
+
+
+# --- process entry --------------------------------------------------------------
+
+
+def main(
+    endpoints: Endpoints,
+    *,
+    procs: int = 1,
+    heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+    convert_timeout_s: float = defaults.SDF_CONVERT_TIMEOUT_S,
+    worker_id: str | None = None,
+) -> int:
+    """Run an SDF worker until SIGTERM/SIGINT. Returns the exit code: 0 after a
+    clean stop, 2 when conversion processes cannot start here."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        worker = SdfWorker(endpoints, procs=procs, heartbeat_interval_s=heartbeat_interval_s,
+                           convert_timeout_s=convert_timeout_s, worker_id=worker_id)
+    except GeomgenError as exc:
+        print(f"geomgen sdf-worker: {exc.message}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame) -> None:
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.check_children()
+        log.info("SDF worker %s: %d slot(s), broker %s", worker.worker_id, procs, endpoints.sdf_job)
+        worker.run(stop)
+    except GeomgenError as exc:
+        print(f"geomgen sdf-worker: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    finally:
+        worker.close()
+    return 0
+
+
+def _cli(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from geomgen.endpoints import parse_broker
+
+    parser = argparse.ArgumentParser(prog="python -m geomgen.sdf_worker", description="Run one SDF worker.")
+    parser.add_argument("--broker", default=f"{defaults.HOST}:{defaults.CLIENT_PORT}")
+    parser.add_argument("--procs", type=int, default=1)
+    parser.add_argument("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S)
+    parser.add_argument("--convert-timeout", type=float, default=defaults.SDF_CONVERT_TIMEOUT_S)
+    parser.add_argument("--worker-id", default=None)
+    args = parser.parse_args(argv)
+    return main(parse_broker(args.broker), procs=args.procs, heartbeat_interval_s=args.heartbeat_interval,
+                convert_timeout_s=args.convert_timeout, worker_id=args.worker_id)
+
+
+if __name__ == "__main__":
+    sys.exit(_cli())

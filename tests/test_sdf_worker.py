@@ -1,0 +1,236 @@
+"""The SDF worker against a broker played by the test: a real PUSH (jobs) and
+PULL (results) on loopback ports, real worker processes
+(``python -m geomgen.sdf_worker``) and real conversion child processes. Test
+converters (tests/plugins.py:selectable_convert) crash or hang on demand."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import zmq
+
+from geomgen import protocol
+from geomgen.endpoints import Endpoints
+from geomgen.sdf_worker import SdfWorker
+from tests.conftest import REPO, wait_for
+from tests.plugins import box_glb
+
+CONVERT_FN = "tests.plugins:selectable_convert"
+HULL = {"collision": "hull"}
+
+
+def worker_env(pid_dir: Path) -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
+            "GEOMGEN_CONVERT_FN": CONVERT_FN, "GEOMGEN_TEST_PID_DIR": str(pid_dir)}
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie nobody reaped yet counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class FakeBroker:
+    """The broker's SDF side: a PUSH for jobs and a PULL for results and status."""
+
+    def __init__(self, ctx: zmq.Context, endpoints: Endpoints):
+        self.jobs = ctx.socket(zmq.PUSH)
+        self.jobs.setsockopt(zmq.LINGER, 0)
+        self.jobs.setsockopt(zmq.SNDHWM, 100)  # over-push on purpose: the worker must pace itself
+        self.jobs.bind(endpoints.sdf_job)
+        self.results = ctx.socket(zmq.PULL)
+        self.results.setsockopt(zmq.LINGER, 0)
+        self.results.bind(endpoints.sdf_result)
+        self.statuses: list[protocol.SdfStatus] = []
+
+    def push(self, name: str, glb: bytes | None = None, **options) -> protocol.SdfJob:
+        job = protocol.SdfJob(job_id=uuid.uuid4().hex[:10], attempt=1, name=name,
+                              glb=box_glb() if glb is None else glb, options=options or dict(HULL))
+        self.jobs.send_multipart(protocol.encode(job), flags=zmq.NOBLOCK)
+        return job
+
+    def recv(self, timeout_s: float = 30.0, statuses: bool = False):
+        """Next (command, message); status heartbeats are recorded in
+        ``self.statuses`` and skipped unless ``statuses``."""
+        deadline_s = time.monotonic() + timeout_s
+        while True:
+            remaining_s = deadline_s - time.monotonic()
+            if remaining_s <= 0 or not self.results.poll(remaining_s * 1000):
+                raise AssertionError(f"no message from the SDF worker within {timeout_s} s")
+            command, message = protocol.decode(self.results.recv_multipart(), protocol.SDF_TO_BROKER)
+            if command is protocol.Command.HEARTBEAT:
+                self.statuses.append(message)
+                if not statuses:
+                    continue
+            return command, message
+
+    def result(self, job: protocol.SdfJob, timeout_s: float = 60.0) -> protocol.SdfResult:
+        command, message = self.recv(timeout_s)
+        assert command is protocol.Command.FINAL, f"expected FINAL, got {command.name}: {message}"
+        assert (message.job_id, message.attempt) == (job.job_id, job.attempt)
+        return message
+
+    def close(self) -> None:
+        self.jobs.close(linger=0)
+        self.results.close(linger=0)
+
+
+@pytest.fixture
+def broker(zctx, endpoints):
+    fake = FakeBroker(zctx, endpoints)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def pid_dir(tmp_path):
+    path = tmp_path / "pids"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def spawn(tmp_path, endpoints, pid_dir):
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        log = open(tmp_path / f"sdf-{len(started)}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "geomgen.sdf_worker", "--broker", f"127.0.0.1:{endpoints.client_port}", *args],
+            cwd=REPO, env=worker_env(pid_dir), stdout=log, stderr=subprocess.STDOUT,
+        )
+        proc.log_path = Path(log.name)  # type: ignore[attr-defined]
+        log.close()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+def child_pid(pid_dir: Path, name: str) -> int:
+    path = pid_dir / f"{name}.pid"
+    wait_for(lambda: path.is_file() and path.read_text(), timeout_s=30, what=f"the child of job {name}")
+    return int(path.read_text())
+
+
+def test_converts_crashes_and_goes_on(broker, spawn, pid_dir, tmp_path):
+    from geomgen.geometry.drake_check import validate_sdf
+
+    spawn("--procs", "1")
+    command, ready = broker.recv(timeout_s=60)
+    assert command is protocol.Command.READY
+    assert (ready.slots, ready.free, ready.held) == (1, 1, [])
+
+    job = broker.push("box", mass_kg=2.0, **HULL)
+    result = broker.result(job)
+    assert result.ok, result.error
+    assert result.sdf_file == "box/box.sdf" and result.sdf_file in result.files
+    assert all(not Path(rel).is_absolute() and ".." not in Path(rel).parts for rel in result.files)
+    for rel, data in result.files.items():
+        (tmp_path / "pkg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkg" / rel).write_bytes(data)
+    assert validate_sdf(tmp_path / "pkg" / result.sdf_file)["mass"] == pytest.approx(2.0)
+    assert result.info and result.seconds > 0
+
+    crash = broker.push("segfault")
+    result = broker.result(crash)
+    assert not result.ok and (result.error["stage"], result.error["code"]) == ("convert", "crashed")
+    assert "signal 11" in result.error["message"] and "SIGSEGV" in result.error["message"]
+    assert not alive(child_pid(pid_dir, "segfault"))
+
+    cases = [
+        (broker.push("bad_input"), "input", "bad_mesh", "no faces"),
+        (broker.push("bad_convert"), "convert", "decomposition_failed", "every decomposition"),
+        (broker.push("oops"), "convert", "convert_failed", "ValueError"),
+        (broker.push("opts", collision="bogus"), "input", "bad_option", "collision"),
+        (broker.push("../escape"), "input", "bad_name", "plain file name"),
+        (broker.push("empty", glb=b""), "input", "bad_mesh", "no GLB"),
+    ]
+    for job, stage, code, text in cases:
+        result = broker.result(job)
+        assert not result.ok and (result.error["stage"], result.error["code"]) == (stage, code), result.error
+        assert text in result.error["message"]
+
+    after = broker.push("box_again")
+    result = broker.result(after)
+    assert result.ok, result.error
+    assert result.sdf_file == "box_again/box_again.sdf"
+
+
+def test_timeout_then_sigterm_kill_the_children(broker, spawn, pid_dir):
+    proc = spawn("--procs", "1", "--convert-timeout", "1.5", "--heartbeat-interval", "0.2")
+    broker.recv(timeout_s=60)  # READY
+
+    hang = broker.push("hang_1")
+    started_s = time.monotonic()
+    result = broker.result(hang)
+    assert time.monotonic() - started_s >= 1.4
+    assert not result.ok and (result.error["stage"], result.error["code"]) == ("convert", "timeout")
+    assert "1.5 s" in result.error["message"]
+    wait_for(lambda: not alive(child_pid(pid_dir, "hang_1")), timeout_s=10, what="the timed-out child to die")
+
+    hang = broker.push("hang_2")
+    pid = child_pid(pid_dir, "hang_2")
+    wait_for(lambda: broker.recv(statuses=True)[1].held == [[hang.job_id, 1]], timeout_s=10,
+             what="a heartbeat holding the job")
+    proc.send_signal(signal.SIGTERM)
+    command, message = broker.recv()
+    while command is protocol.Command.HEARTBEAT:
+        command, message = broker.recv()
+    assert command is protocol.Command.DISCONNECT and message.reason == "shutdown"
+    assert proc.wait(timeout=15) == 0
+    wait_for(lambda: not alive(pid), timeout_s=10, what="the running child to be killed")
+
+
+def test_takes_only_as_many_jobs_as_slots(broker, endpoints, pid_dir, monkeypatch):
+    """In process: run(stop_event) with 2 slots and 5 jobs pushed at once.
+    Every status says held <= 2 and free = slots - held; a slot taken or freed
+    is announced at once (the periodic heartbeat is 30 s away)."""
+    for key, value in worker_env(pid_dir).items():
+        monkeypatch.setenv(key, value)
+    worker = SdfWorker(endpoints, procs=2, heartbeat_interval_s=30.0, convert_timeout_s=60.0, worker_id="flow")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    try:
+        worker.check_children()
+        thread.start()
+        command, ready = broker.recv(statuses=True)
+        assert command is protocol.Command.READY and (ready.slots, ready.free) == (2, 2)
+        jobs = [broker.push(f"sleep_{i}") for i in range(5)]
+        finals = {}
+        while len(finals) < len(jobs):
+            command, message = broker.recv(timeout_s=60, statuses=True)
+            if command is protocol.Command.FINAL:
+                assert message.ok, message.error
+                finals[message.job_id] = message
+                continue
+            assert command is protocol.Command.HEARTBEAT
+            assert len(message.held) <= 2 and message.free == 2 - len(message.held), message
+            assert not any(job_id in finals for job_id, _ in message.held)
+        assert set(finals) == {job.job_id for job in jobs}
+        assert worker.max_held == 2
+        # each job was announced when taken and when freed: far more often than every 30 s
+        assert len(broker.statuses) >= 2 * len(jobs) - 2
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=15)
+        worker.close()
+    assert not thread.is_alive()
+    assert broker.recv()[0] is protocol.Command.DISCONNECT
