@@ -2,25 +2,27 @@
 
 The worker starts :func:`run` in a fresh process per job (forked from a warm
 forkserver), so a crash or hang in native code (CoACD, V-HACD, Drake) costs
-only that job. The outcome is written to ``<job_dir>/result.msgpack``.
+only that job; :func:`read_outcome` turns what the child left into the reply.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
 import msgpack
 
-from geomgen import protocol
+from geomgen import defaults, protocol
 from geomgen.errors import GeomgenError, InputError, Stage
 
 CONVERT_FN_ENV = "GEOMGEN_CONVERT_FN"  # "module:function" with convert_mesh's signature
 DEFAULT_CONVERT_FN = "geomgen.geometry.convert:convert_mesh"
 RESULT_FILE = "result.msgpack"
 OUT_DIR = "out"  # under the job dir; the package lands in out/<name>/
+PACKAGE_LIMIT_BYTES = defaults.MAX_MESSAGE_BYTES - 2**20  # leaves room for the rest of the result
 # Imported once by the forkserver so each conversion child starts warm; names
 # that are not installed are skipped by multiprocessing.
 WARM_MODULES = ("numpy", "trimesh", "pydrake.multibody.parsing", "pydrake.multibody.plant",
@@ -121,3 +123,50 @@ def plain(value: Any) -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars
         return plain(value.tolist())
     return str(value)
+
+
+# --- the parent's side ----------------------------------------------------------
+
+
+def read_outcome(job_dir: Path, exitcode: int | None) -> dict:
+    """What the SDF worker replies for a child that ended with ``exitcode``:
+    ``{"files", "sdf_file", "info"}`` read from ``<job_dir>/out`` (paths
+    relative to it, POSIX: ``<name>/<name>.sdf``...), or ``{"error"}``."""
+    if exitcode is not None and exitcode < 0:
+        return _failure("crashed", (
+            f"the conversion process died with signal {-exitcode} ({_signal_name(-exitcode)}); native code in "
+            "the decomposition or mesh libraries failed on this mesh - try collision='hull' or repair the mesh"))
+    result_path = job_dir / RESULT_FILE
+    if exitcode != 0 or not result_path.is_file():
+        return _failure("crashed", f"the conversion process exited with status {exitcode} without a result; "
+                                   "see the SDF worker's log")
+    try:
+        outcome = msgpack.unpackb(result_path.read_bytes(), raw=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged result file is this job's failure
+        return _failure("crashed", f"the conversion result could not be read ({exc})")
+    if not isinstance(outcome, dict) or not outcome.get("ok"):
+        error = outcome.get("error") if isinstance(outcome, dict) else None
+        return {"error": error} if isinstance(error, dict) else _failure(
+            "convert_failed", "the conversion failed without saying why")
+    out_dir = job_dir / OUT_DIR
+    files, total_bytes = {}, 0
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        total_bytes += path.stat().st_size
+        if total_bytes > PACKAGE_LIMIT_BYTES:
+            return _failure("too_large", f"the SDF package exceeds {PACKAGE_LIMIT_BYTES // 2**20} MiB; "
+                                         "simplify the mesh or shrink its textures")
+        files[path.relative_to(out_dir).as_posix()] = path.read_bytes()
+    if outcome.get("sdf_file") not in files:
+        return _failure("convert_failed", "the conversion reported success but wrote no SDF file")
+    return {"files": files, "sdf_file": outcome["sdf_file"], "info": outcome.get("info") or {}}
+
+
+def _failure(code: str, message: str) -> dict:
+    return {"error": protocol.error_dict(Stage.CONVERT, code, message)}
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"

@@ -10,33 +10,25 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 
-from geomgen import __version__, defaults, protocol
+from geomgen import __version__, defaults, gpu_job, protocol
 from geomgen.backends import load_backend_class
-from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
+from geomgen.backends.base import Backend
 from geomgen.endpoints import Endpoints
 from geomgen.errors import BackendUnavailable, GeomgenError, InputError, ProtocolError, Stage, UnknownBackend
 
 log = logging.getLogger("geomgen.gpu_worker")
 
 SHUTDOWN_GRACE_S = 5.0  # how long a stopping worker lets its running job finish
-MAX_PROGRESS_CHARS = 500  # a progress detail longer than this is cut
-
-# Tags of the internal job-thread -> loop messages (not wire commands).
-_PROGRESS = b"P"
-_FINAL = b"F"
 
 
 @dataclass
@@ -45,44 +37,6 @@ class _RunningJob:
     attempt: int
     thread: threading.Thread
     started_s: float  # time.monotonic() at start
-
-
-class _JobChannel:
-    """The job side of the inproc PAIR. A lock serialises sends because a
-    backend may report progress from threads of its own; after the final
-    result, further progress of that job is dropped."""
-
-    def __init__(self, sock: zmq.Socket):
-        self._socket = sock
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def send(self, tag: bytes, frames: list[bytes]) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                self._socket.send_multipart([tag, *frames], copy=False)
-            except zmq.ZMQError as exc:  # the worker is closing under an abandoned job
-                log.debug("job channel send dropped: %s", exc)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._socket.close(linger=0)
-
-
-def error_of(exc: BaseException) -> dict[str, str]:
-    """The {stage, code, message} a job failure reports: a GeomgenError keeps its
-    own; anything else is a generate-stage ``generate_failed`` naming the type."""
-    if isinstance(exc, GeomgenError):
-        return exc.to_dict()
-    text = str(exc) or "(no message)"
-    return protocol.error_dict(
-        Stage.GENERATE,
-        "generate_failed",
-        f"the backend raised {type(exc).__name__}: {text}",
-    )
 
 
 class GpuWorker:
@@ -126,7 +80,7 @@ class GpuWorker:
         job_end = self._ctx.socket(zmq.PAIR)
         job_end.setsockopt(zmq.LINGER, 0)
         job_end.connect(pipe_address)
-        self._channel = _JobChannel(job_end)
+        self._channel = gpu_job.JobChannel(job_end)
         self._poller = zmq.Poller()
         self._poller.register(self._pipe, zmq.POLLIN)
 
@@ -319,7 +273,7 @@ class GpuWorker:
             self._refuse(job, Stage.TRANSPORT, "busy",
                          f"worker {self.worker_id} is busy with job {self._job.job_id}; send it elsewhere")
             return
-        thread = threading.Thread(target=self._run_job, args=(job,), name=f"job-{job.job_id}", daemon=True)
+        thread = threading.Thread(target=gpu_job.run_job, args=(self.backend, self.backend_name, job, self._channel), name=f"job-{job.job_id}", daemon=True)
         self._job = _RunningJob(job.job_id, job.attempt, thread, time.monotonic())
         log.info("job %s attempt %d started (%s, %d bytes)", job.job_id, job.attempt, job.input_name,
                  len(job.input_data))
@@ -330,7 +284,7 @@ class GpuWorker:
         result = protocol.JobResult(job.job_id, job.attempt, ok=False, error=protocol.error_dict(stage, code, message))
         self._send(protocol.encode(result), keep=True)
 
-    # --- the job thread and its reports ------------------------------------------
+    # --- reports from the job thread ---------------------------------------------
 
     def _handle_pipe(self) -> None:
         while True:
@@ -338,7 +292,7 @@ class GpuWorker:
                 tag, *frames = self._pipe.recv_multipart(flags=zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            if tag == _PROGRESS:
+            if tag == gpu_job.PROGRESS:
                 self._send(frames)
                 continue
             job = self._job
@@ -362,59 +316,6 @@ class GpuWorker:
             error = result.error if result is not None else {}
             log.warning("job %s attempt %d failed in %.2f s: %s/%s: %s", job.job_id, job.attempt, seconds,
                         error.get("stage"), error.get("code"), error.get("message"))
-
-    def _run_job(self, job: protocol.Job) -> None:
-        """Body of the job thread: generate, then report exactly one FINAL."""
-        started_s = time.monotonic()
-        work_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-{self.backend_name}-"))
-
-        def progress(detail: str) -> None:
-            report = protocol.JobProgress(job.job_id, job.attempt, str(detail)[:MAX_PROGRESS_CHARS])
-            self._channel.send(_PROGRESS, protocol.encode(report))
-
-        try:
-            request = GenerationInput(
-                input_name=job.input_name,
-                input_data=job.input_data,
-                work_dir=work_dir,
-                prompt=job.prompt,
-                options=dict(job.options),
-                sam3d_config=job.sam3d_config,
-                debug=job.debug,
-                progress=progress,
-            )
-            output = self.backend.generate(request)
-            frames = self._success_frames(job, output, time.monotonic() - started_s)
-        except BaseException as exc:  # noqa: BLE001 - any failure is this job's, never the worker's
-            if not isinstance(exc, GeomgenError):
-                log.exception("backend %s raised on job %s", self.backend_name, job.job_id)
-            frames = self._failure_frames(job, error_of(exc), time.monotonic() - started_s)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        self._channel.send(_FINAL, frames)
-
-    def _success_frames(self, job: protocol.Job, output: GenerationOutput, seconds: float) -> list[bytes]:
-        glb = getattr(output, "glb", None)
-        if not isinstance(output, GenerationOutput) or not isinstance(glb, (bytes, bytearray)) or not glb:
-            return self._failure_frames(job, protocol.error_dict(
-                Stage.GENERATE, "generate_failed",
-                f"backend {self.backend_name!r} returned no GLB bytes (got {type(output).__name__})",
-            ), seconds)
-        result = protocol.JobResult(
-            job.job_id, job.attempt, ok=True, glb=bytes(glb), seconds=seconds,
-            info=dict(output.info or {}), debug_files=dict(output.debug_files or {}),
-        )
-        try:
-            return protocol.encode(result)
-        except (TypeError, ValueError) as exc:  # msgpack cannot carry something in info/debug_files
-            return self._failure_frames(job, protocol.error_dict(
-                Stage.GENERATE, "generate_failed",
-                f"backend {self.backend_name!r} returned info that cannot be sent ({exc})",
-            ), seconds)
-
-    @staticmethod
-    def _failure_frames(job: protocol.Job, error: dict, seconds: float) -> list[bytes]:
-        return protocol.encode(protocol.JobResult(job.job_id, job.attempt, ok=False, error=error, seconds=seconds))
 
 
 # --- process entry --------------------------------------------------------------

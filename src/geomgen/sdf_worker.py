@@ -22,7 +22,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgpack
 import zmq
 
 from geomgen import convert_child, defaults, protocol
@@ -34,7 +33,6 @@ log = logging.getLogger("geomgen.sdf_worker")
 KILL_WAIT_S = 5.0  # how long to wait for a killed child to be reaped
 START_CHECK_TIMEOUT_S = 120.0  # first child at start-up: forkserver launch plus warm imports
 MAX_NAME_CHARS = 200
-PACKAGE_LIMIT_BYTES = defaults.MAX_MESSAGE_BYTES - 1024 * 1024  # room for the rest of the result
 
 
 @dataclass
@@ -45,13 +43,6 @@ class _Conversion:
     process: multiprocessing.process.BaseProcess
     job_dir: Path
     started_s: float  # time.monotonic()
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 class SdfWorker:
@@ -297,47 +288,11 @@ class SdfWorker:
         self._kill_group(process.pid)  # grandchildren it may have left behind
         process.close()
         try:
-            reply = self._outcome(conversion, exitcode)
+            reply = convert_child.read_outcome(conversion.job_dir, exitcode)
         finally:
             shutil.rmtree(conversion.job_dir, ignore_errors=True)
         self._reply(_job_of(conversion), seconds=seconds, **reply)
         self._send_status(protocol.Command.HEARTBEAT)
-
-    def _outcome(self, conversion: _Conversion, exitcode: int | None) -> dict:
-        result_path = conversion.job_dir / convert_child.RESULT_FILE
-        if exitcode is not None and exitcode < 0:
-            signame = _signal_name(-exitcode)
-            return {"error": protocol.error_dict(
-                Stage.CONVERT, "crashed",
-                f"the conversion process died with signal {-exitcode} ({signame}); native code in the "
-                "decomposition or mesh libraries failed on this mesh - try collision='hull' or repair the mesh",
-            )}
-        if exitcode != 0 or not result_path.is_file():
-            return {"error": protocol.error_dict(
-                Stage.CONVERT, "crashed",
-                f"the conversion process exited with status {exitcode} without a result; see the SDF worker's log",
-            )}
-        try:
-            outcome = msgpack.unpackb(result_path.read_bytes(), raw=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged result file is this job's failure
-            return {"error": protocol.error_dict(Stage.CONVERT, "crashed", f"unreadable conversion result ({exc})")}
-        if not outcome.get("ok"):
-            return {"error": outcome.get("error") or protocol.error_dict(
-                Stage.CONVERT, "convert_failed", "the conversion failed without saying why")}
-        out_dir = conversion.job_dir / convert_child.OUT_DIR
-        files, total = {}, 0
-        for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
-            total += path.stat().st_size
-            if total > PACKAGE_LIMIT_BYTES:
-                return {"error": protocol.error_dict(
-                    Stage.CONVERT, "too_large",
-                    f"the SDF package exceeds {PACKAGE_LIMIT_BYTES // 2**20} MiB; simplify the mesh or its textures",
-                )}
-            files[path.relative_to(out_dir).as_posix()] = path.read_bytes()
-        if outcome.get("sdf_file") not in files:
-            return {"error": protocol.error_dict(
-                Stage.CONVERT, "convert_failed", "the conversion reported success but wrote no SDF file")}
-        return {"files": files, "sdf_file": outcome["sdf_file"], "info": outcome.get("info") or {}}
 
     def _kill(self, conversion: _Conversion) -> None:
         process = conversion.process

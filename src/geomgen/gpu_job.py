@@ -1,0 +1,120 @@
+"""One backend job, run on the GPU worker's job thread beside its socket loop.
+
+The job reports through an inproc PAIR (progress, then exactly one final
+result) so the loop's poll wakes the moment the job ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from geomgen import protocol
+from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
+from geomgen.errors import GeomgenError, Stage
+
+log = logging.getLogger("geomgen.gpu_worker")
+
+MAX_PROGRESS_CHARS = 500  # a progress detail longer than this is cut
+
+# Tags of the internal job-thread -> loop messages (not wire commands).
+PROGRESS = b"P"
+FINAL = b"F"
+
+
+class JobChannel:
+    """The job side of the inproc PAIR. A lock serialises sends because a
+    backend may report progress from threads of its own."""
+
+    def __init__(self, sock: zmq.Socket):
+        self._socket = sock
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def send(self, tag: bytes, frames: list[bytes]) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._socket.send_multipart([tag, *frames], copy=False)
+            except zmq.ZMQError as exc:  # the worker is closing under an abandoned job
+                log.debug("job channel send dropped: %s", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._socket.close(linger=0)
+
+
+def error_of(exc: BaseException) -> dict[str, str]:
+    """The {stage, code, message} a job failure reports: a GeomgenError keeps its
+    own; anything else is a generate-stage ``generate_failed`` naming the type."""
+    if isinstance(exc, GeomgenError):
+        return exc.to_dict()
+    text = str(exc) or "(no message)"
+    return protocol.error_dict(Stage.GENERATE, "generate_failed", f"the backend raised {type(exc).__name__}: {text}")
+
+
+def run_job(backend: Backend, backend_name: str, job: protocol.Job, channel: JobChannel) -> None:
+    """Job-thread body: generate in a fresh temporary work dir (removed after),
+    report progress, then exactly one FINAL JobResult. Never raises."""
+    started_s = time.monotonic()
+    finished = threading.Event()
+    work_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-{backend_name}-"))
+
+    def progress(detail: str) -> None:
+        if finished.is_set():  # a backend thread reporting after the result: nobody listens
+            return
+        report = protocol.JobProgress(job.job_id, job.attempt, str(detail)[:MAX_PROGRESS_CHARS])
+        channel.send(PROGRESS, protocol.encode(report))
+
+    try:
+        request = GenerationInput(
+            input_name=job.input_name,
+            input_data=job.input_data,
+            work_dir=work_dir,
+            prompt=job.prompt,
+            options=dict(job.options),
+            sam3d_config=job.sam3d_config,
+            debug=job.debug,
+            progress=progress,
+        )
+        output = backend.generate(request)
+        frames = _success_frames(backend_name, job, output, time.monotonic() - started_s)
+    except BaseException as exc:  # noqa: BLE001 - any failure is this job's, never the worker's
+        if not isinstance(exc, GeomgenError):
+            log.exception("backend %s raised on job %s", backend_name, job.job_id)
+        frames = _failure_frames(job, error_of(exc), time.monotonic() - started_s)
+    finally:
+        finished.set()
+        shutil.rmtree(work_dir, ignore_errors=True)
+    channel.send(FINAL, frames)
+
+
+def _success_frames(backend_name: str, job: protocol.Job, output: GenerationOutput, seconds: float) -> list[bytes]:
+    glb = getattr(output, "glb", None)
+    if not isinstance(output, GenerationOutput) or not isinstance(glb, (bytes, bytearray)) or not glb:
+        return _failure_frames(job, protocol.error_dict(
+            Stage.GENERATE, "generate_failed",
+            f"backend {backend_name!r} returned no GLB bytes (got {type(output).__name__})",
+        ), seconds)
+    result = protocol.JobResult(
+        job.job_id, job.attempt, ok=True, glb=bytes(glb), seconds=seconds,
+        info=dict(output.info or {}), debug_files=dict(output.debug_files or {}),
+    )
+    try:
+        return protocol.encode(result)
+    except (TypeError, ValueError) as exc:  # msgpack cannot carry something in info / debug_files
+        return _failure_frames(job, protocol.error_dict(
+            Stage.GENERATE, "generate_failed", f"backend {backend_name!r} returned info that cannot be sent ({exc})",
+        ), seconds)
+
+
+def _failure_frames(job: protocol.Job, error: dict, seconds: float) -> list[bytes]:
+    return protocol.encode(protocol.JobResult(job.job_id, job.attempt, ok=False, error=error, seconds=seconds))
