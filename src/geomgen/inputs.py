@@ -221,5 +221,5 @@ def _to_rgba(image: "PIL.Image.Image") -> "PIL.Image.Image":
         low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         span = high - low if high > low else 1.0
         grey = np.nan_to_num((values - low) / span * 255.0).clip(0, 255).astype(np.uint8)
-        image = PIL.Image.fromarray(grey, mode="L")
+        image = PIL.Image.fromarray(grey)  # uint8 2-D -> mode L
     return image.convert("RGBA")
