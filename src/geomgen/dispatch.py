@@ -141,15 +141,14 @@ class Dispatcher:
         self.keys.pop((job.client, job.request.request_id), None)
         self.waits.cancel(job.job_id)
         job.state, job.waiting_in = (JobState.FAILED if error else JobState.DONE), None
-        files = dict(files or {})
-        for name, data in job.debug_files.items():  # Result has no field of its own for debug files
-            files["debug/" + str(name).replace("/", "_").replace("\\", "_")] = data
         info = dict(info or {})
         if job.gen_info:
             info["generate"] = job.gen_info
+        if job.debug_files:  # Result has no field of its own; the client pops this key
+            info["debug_files"] = job.debug_files
         timings = job.timings(now)
         attempts = job.attempt + max(0, job.sdf_attempt - 1)
-        self.out.to_client(job.client, Result(job.request.request_id, error is None, error, files, sdf_file, info,
+        self.out.to_client(job.client, Result(job.request.request_id, error is None, error, files or {}, sdf_file, info,
                                               timings, job.request.backend, attempts))
         self.stats.total.add(timings["total_s"])
         if error is None:
