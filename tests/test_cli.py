@@ -131,8 +131,15 @@ def test_serve_stops_every_process_on_ctrl_c(tmp_path):
                              stderr=subprocess.STDOUT)
     try:
         with GeometryClient(f"127.0.0.1:{port}", timeout_s=30) as client:
-            stats = wait_for(lambda: (s := client.health()) if s["backends"]["mesh"]["alive"] and s["sdf_slots"]
-                             else None, timeout_s=60, interval_s=0.2, what="serve ready")
+            def ready():
+                assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    stats = client.health(timeout_s=1.0)
+                except TransportError:  # the broker is not bound yet
+                    return None
+                return stats if stats["backends"]["mesh"]["alive"] and stats["sdf_slots"] else None
+
+            stats = wait_for(ready, timeout_s=60, interval_s=0.2, what="serve ready")
         pids = [w["pid"] for w in stats["workers"]] + [w["pid"] for w in stats["sdf_workers"]]
         assert len(pids) == 2
         serve.send_signal(signal.SIGINT)

@@ -222,8 +222,13 @@ def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_
 @click.option("--sdf-result-port", type=int, help="The broker's SDF result port, if not the client port + 3.")
 @click.option("--procs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Conversions run at once, each in its own child process.")
+@click.option("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
+              help="Seconds between status heartbeats to the broker.")
+@click.option("--convert-timeout", type=float, default=defaults.SDF_CONVERT_TIMEOUT_S, show_default=True,
+              help="Seconds after which a conversion child is killed and its job fails.")
 @verbose_option
-def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, verbose) -> None:
+def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interval, convert_timeout,
+               verbose) -> None:
     """Run an SDF worker: converts GLBs to Drake SDF packages, --procs at a time.
 
     Example: geomgen sdf-worker --procs 8 --broker hub
@@ -233,7 +238,8 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, verbose) -> None
     overrides = {"sdf_job_port": sdf_job_port, "sdf_result_port": sdf_result_port}
     endpoints = Endpoints(**{**endpoints.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     _logging(verbose)
-    sys.exit(worker_role.main(endpoints, procs=procs))
+    sys.exit(worker_role.main(endpoints, procs=procs, heartbeat_interval_s=heartbeat_interval,
+                              convert_timeout_s=convert_timeout))
 
 
 @cli.command()

@@ -287,9 +287,10 @@ class GeometryClient:
                 write_package(Path(item.request.debug_folder), debug_files)
             if not message.ok:
                 error = message.error or {}
-                raise ERROR_BY_STAGE.get(error.get("stage"), TransportError)(
+                stage = error.get("stage") if error.get("stage") in ERROR_BY_STAGE else "transport"
+                raise ERROR_BY_STAGE[stage](
                     str(error.get("message") or "the broker reported a failure without a message"),
-                    code=str(error.get("code") or "failed"), stage=error.get("stage") or "transport",
+                    code=str(error.get("code") or "failed"), stage=stage,
                 )
             if result.glb_path is None:
                 raise TransportError("the broker reported success but never sent the GLB", code="missing_output")
