@@ -172,3 +172,20 @@ def test_server_names_a_worker_that_cannot_start(tmp_path):
     finally:
         server.stop()
     assert not server.children
+
+
+def test_progress_line_counts_states():
+    import io
+
+    from geomgen.batch import GeometryEvent, GeometryResult
+    from geomgen.progress import Progress
+
+    stream = io.StringIO()
+    progress = Progress(3, stream=stream, enabled=True)
+    for event in [GeometryEvent(0, "queued"), GeometryEvent(1, "generating"), GeometryEvent(2, "glb_ready"),
+                  GeometryEvent(0, "final", result=GeometryResult(0, None, ok=False))]:
+        progress.update(event)
+    assert progress.line().startswith("[1/3 done (1 failed)] 1 generating, 1 converting")
+    progress.close()
+    assert stream.getvalue().startswith("\r[") and stream.getvalue().endswith("\r")
+    assert not Progress(1, stream=io.StringIO()).enabled, "silent when not a terminal"

@@ -16,7 +16,7 @@ import zmq
 
 from geomgen import GeometryClient, GeometryRequest, protocol
 from geomgen.client import FINAL
-from geomgen.errors import GenerateError, TransportError
+from geomgen.errors import GenerateError, InputError, TransportError
 from geomgen.protocol import Command
 from tests.conftest import wait_for
 
@@ -276,3 +276,45 @@ def test_leaving_early_cancels_outstanding_requests(fake_broker, inputs, tmp_pat
         cancels = wait_for(lambda: broker.messages(protocol.Cancel), timeout_s=5, what="a CANCEL")
     assert cancels and sorted(cancels[0].request_ids) == sorted(m.request_id for m in
                                                                 broker.messages(protocol.ClientRequest))
+
+
+def test_glb_only_with_debug_files(fake_broker, inputs, tmp_path):
+    """want_sdf=False ends at the GLB; debug files land in debug_folder, and a
+    debug path leaving that folder is refused."""
+    def handler(command, message):
+        if command != Command.REQUEST:
+            return None
+        assert message.debug and not message.want_sdf
+        rid = message.request_id
+        debug = {"mask.png": b"png"} if message.output_name == "fine" else {"../../x.png": b"png"}
+        return [protocol.Event(rid, "glb_ready", glb=b"glb"),
+                protocol.Result(rid, ok=True, info={"debug_files": debug, "faces": 12})]
+
+    broker = fake_broker(handler)
+    debug_dir = tmp_path / "debug"
+    requests = [GeometryRequest(image_path=inputs["box.glb"], output_dir=tmp_path / "out", output_filename=name,
+                                want_sdf=False, debug_folder=debug_dir) for name in ("fine", "sneaky")]
+    with GeometryClient(broker.address, timeout_s=5) as client:
+        results = dict(client.generate(requests))
+    fine, sneaky = results[0], results[1]
+    assert fine.ok and fine.sdf_path is None and fine.glb_path.read_bytes() == b"glb"
+    assert fine.info == {"faces": 12}
+    assert (debug_dir / "mask.png").read_bytes() == b"png"
+    assert not sneaky.ok and sneaky.error_code == "unsafe_path" and not (tmp_path / "x.png").exists()
+
+
+def test_conversion_fields_are_checked_and_merged():
+    request = GeometryRequest(image_path="a.png", output_dir=".", material="wood", dimensions=(1, 2, 3),
+                              convert_options={"simplify_faces": 5000})
+    options = request.convert_dict()
+    assert options["material"] == "wood" and options["dimensions"] == [1.0, 2.0, 3.0]
+    assert options["simplify_faces"] == 5000 and options["collision"] == "coacd"
+    for bad, words in [
+        (dict(mass_kg=float("nan")), "mass_kg"),
+        (dict(material="unobtainium"), "unknown material"),
+        (dict(collision="octree"), "collision must be one of"),
+        (dict(mu=0.3, convert_options={"mu": 0.9}), "given twice"),
+        (dict(convert_options={"colour": "red"}), "unknown conversion option"),
+    ]:
+        with pytest.raises(InputError, match=words):
+            GeometryRequest(image_path="a.png", output_dir=".", **bad).convert_dict()
