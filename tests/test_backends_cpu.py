@@ -77,6 +77,18 @@ def test_mesh_backend_z_up_and_units_from_worker_and_request_options(tmp_path):
     assert out.info["scale"] == pytest.approx(0.02)
 
 
+def test_options_scoped_to_a_backend(tmp_path):
+    # One batch, one set of options for two backends: each takes its own keys.
+    options = {"silhouette.height_m": "0.3", "mesh.unit": "mm"}
+    out = MeshBackend(options).generate(job("box.stl", asymmetric_box_stl(), tmp_path))
+    assert out.info["scale"] == pytest.approx(0.001)
+    out = SilhouetteBackend(options).generate(job("vase.png", (SAMPLES / "vase.png").read_bytes(), tmp_path))
+    assert only_mesh(out.glb).extents[1] == pytest.approx(0.3)
+    with pytest.raises(InputError) as info:
+        MeshBackend({"height_m": "0.3"})
+    assert info.value.code == "bad_option" and "silhouette.height_m" in info.value.message
+
+
 def test_mesh_backend_keeps_the_sample_texture(tmp_path):
     data = (SAMPLES / "table.glb").read_bytes()
     out = MeshBackend().generate(job("table.glb", data, tmp_path))

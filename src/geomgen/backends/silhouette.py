@@ -40,13 +40,14 @@ def parse_silhouette_options(options: dict[str, Any]) -> dict[str, Any]:
     """Validate options: ``height_m`` (> 0, default defaults.SILHOUETTE_HEIGHT_M),
     ``depth_ratio`` (> 0, default DEPTH_RATIO), ``resolution`` (grid px, 16-512,
     default MESH_PX), ``texture_px`` (64-4096, default TEXTURE_PX). Values may be
-    strings (``--backend-option``). Raises InputError ``bad_option``."""
+    strings (``--backend-option``); keys may be scoped as ``silhouette.KEY``
+    (see geomgen.backends.mesh.scoped_options). Raises InputError ``bad_option``."""
+    from geomgen.backends.mesh import scoped_options, unknown_options_error
+
+    options = scoped_options(options, "silhouette")
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
-        raise InputError(
-            f"unknown silhouette option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}",
-            code="bad_option",
-        )
+        raise unknown_options_error("silhouette", unknown, OPTION_NAMES)
     return {
         "height_m": _number(options, "height_m", defaults.SILHOUETTE_HEIGHT_M, 1e-4, 1e3),
         "depth_ratio": _number(options, "depth_ratio", DEPTH_RATIO, 0.01, 10.0),
