@@ -1,0 +1,298 @@
+"""GLB (or any mesh geomgen reads) -> Drake SDFormat package: the public entry
+points of the conversion, used by the SDF worker and by ``geomgen convert``.
+
+A package is ``<out_dir>/<name>/``: ``<name>.sdf``, the visual ``<name>.gltf``
+with its buffer and textures, ``<name>_collision_<i>.obj`` in the +Z-up body
+frame, and a ``<name>.json`` manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import geomgen
+from geomgen.errors import ConvertError, GeomgenError, InputError
+from geomgen.geometry import materials
+from geomgen.geometry.decomposition import decompose
+from geomgen.geometry.frames import apply_transform, gltf_to_drake, input_transform
+from geomgen.geometry.inertia import check_not_flat, mass_properties
+from geomgen.geometry.options import ConvertOptions
+from geomgen.geometry.repair import make_solid, scene_triangles
+from geomgen.geometry.sdf import SDF_VERSION, sdf_text, write_obj
+from geomgen.geometry.visual import write_visual
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion produced. Frames: Drake body frame (+Z up), SI units.
+
+    com_m (3,), inertia_kg_m2 (3, 3) about the centre of mass, bbox_m: the
+    extents x, y, z of the visual mesh in the body frame. method: the
+    decomposition that made the collision pieces; fallbacks: why the methods
+    tried before it failed. inertia_source: "mesh", "collision_union" or "voxel_fill".
+    """
+
+    name: str
+    package_dir: Path
+    sdf_path: Path
+    files: list[Path]
+    method: str
+    fallbacks: list[str]
+    pieces: int
+    mass_kg: float
+    volume_m3: float
+    density_kg_m3: float
+    com_m: list[float]
+    inertia_kg_m2: list[list[float]]
+    bbox_m: list[float]
+    inertia_source: str
+    mu: float
+    watertight: bool
+    validated: bool
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """JSON-safe form; paths are relative to package_dir (which is left out)."""
+        data = asdict(self)
+        data.pop("package_dir")
+        data["sdf_path"] = self.sdf_path.name
+        data["files"] = [str(p.relative_to(self.package_dir)) for p in self.files]
+        return data
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a plain file stem (letters, digits, ``_ . -``; no path); else InputError ``bad_name``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise InputError(
+            f"output name {name!r} must be a plain file stem: letters, digits, '_', '.', '-', at most 128 "
+            "characters, no path separators or '..'",
+            code="bad_name",
+        )
+    return name
+
+
+def convert_mesh(
+    data: bytes, input_name: str, out_dir: Path, name: str, options: ConvertOptions | None = None
+) -> ConversionReport:
+    """Convert one mesh file's bytes into the package ``out_dir/<name>/``.
+
+    ``input_name`` is the file's name (its suffix tells the format: GLB, glTF
+    with embedded data, OBJ, PLY, STL). An existing package of that name is
+    replaced only once the new one is complete. Raises InputError for unusable
+    input (codes bad_mesh, zero_volume, bad_option, bad_name...) and
+    ConvertError for conversion failures (decomposition_failed, drake_rejected...).
+    """
+    sources = [{"name": input_name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}]
+    return _convert(data, input_name, Path(out_dir), name, options, sources)
+
+
+def convert_file(path: Path, out_dir: Path, options: ConvertOptions | None = None, name: str | None = None) -> ConversionReport:
+    """Convert the mesh file at ``path`` into ``out_dir/<name>/`` (name: the file's stem, made safe).
+
+    A .gltf may reference buffers and images beside it. Errors as convert_mesh.
+    """
+    from geomgen.geometry.meshio import export_glb, load_mesh_file
+
+    path = Path(path)
+    if name is None:
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._-")[:128] or "model"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable_input") from None
+    sources = [{"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}]
+    if path.suffix.lower() != ".gltf":
+        return _convert(data, path.name, Path(out_dir), name, options, sources)
+    # A .gltf's buffers and textures live beside it: load from disk, continue as one GLB.
+    scene = load_mesh_file(path)
+    sources += _gltf_resources(data, path.parent)
+    try:
+        glb = export_glb(scene)
+    except GeomgenError as exc:
+        raise ConvertError(f"{path.name}: {exc.message}", code="bad_visual") from None
+    return _convert(glb, path.stem + ".glb", Path(out_dir), name, options, sources)
+
+
+def _gltf_resources(gltf: bytes, folder: Path) -> list[dict]:
+    """Hashes of the external files a .gltf references."""
+    try:
+        tree = json.loads(gltf.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError):
+        return []
+    found = []
+    for entry in (tree.get("buffers") or []) + (tree.get("images") or []):
+        uri = entry.get("uri") if isinstance(entry, dict) else None
+        if isinstance(uri, str) and not uri.startswith("data:") and (folder / uri).is_file():
+            blob = (folder / uri).read_bytes()
+            found.append({"name": uri, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
+    return found
+
+
+def _convert(
+    data: bytes, input_name: str, out_dir: Path, name: str, options: ConvertOptions | None, sources: list[dict]
+) -> ConversionReport:
+    start = time.monotonic()
+    check_name(name)
+    options = options if options is not None else ConvertOptions()
+    options.check()
+    staging = out_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        report = _build(data, input_name, staging, name, options, sources, start)
+        final = out_dir / name
+        _replace_dir(staging, final)
+    except GeomgenError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConvertError(f"cannot write the package under {out_dir}: {exc.strerror or exc}", code="write_failed") from None
+    except Exception as exc:  # a library failing on an input we did not foresee: this job fails, clearly
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ConvertError(f"converting {input_name} failed ({type(exc).__name__}: {exc})", code="convert_failed") from exc
+    report.package_dir = final
+    report.sdf_path = final / report.sdf_path.name
+    report.files = [final / p.relative_to(staging) for p in report.files]
+    return report
+
+
+def _build(
+    data: bytes, input_name: str, folder: Path, name: str, options: ConvertOptions, sources: list[dict], start: float
+) -> ConversionReport:
+    from geomgen.geometry.meshio import export_glb, load_mesh
+
+    scene = load_mesh(data, input_name)
+    warnings = [str(w) for w in scene.metadata.get("warnings", [])]
+    if data[:4] == b"glTF":
+        glb = data
+    else:
+        try:
+            glb = export_glb(scene)
+        except GeomgenError as exc:
+            raise ConvertError(f"{input_name}: {exc.message}", code="bad_visual") from None
+
+    vertices, faces = scene_triangles(scene)
+    transform, notes = input_transform(vertices, options.up_axis, options.dimensions, options.scale)
+    warnings += notes
+    visual_drake = gltf_to_drake(apply_transform(vertices, transform))
+    check_not_flat(visual_drake)
+    solid = make_solid(apply_transform(vertices, transform), faces, options.remove_floaters)
+    warnings += solid.warnings
+    solid_drake = gltf_to_drake(solid.vertices)
+    check_not_flat(solid_drake)
+
+    pieces = decompose(
+        solid_drake,
+        solid.faces,
+        method=options.collision,
+        params=options.collision_params,
+        timeout_s=options.decomposition_timeout_s,
+        simplify_faces=options.simplify_faces,
+    )
+    warnings += pieces.warnings
+    if pieces.fallbacks:
+        warnings.append(f"collision pieces made by {pieces.method} after: " + "; ".join(pieces.fallbacks))
+
+    material = materials.MATERIALS.get(options.material) if options.material else None
+    density = options.density_kg_m3 if options.density_kg_m3 is not None else (material.density_kg_m3 if material else None)
+    props = mass_properties(solid_drake, solid.faces, solid.watertight, pieces.pieces, options.mass_kg, density)
+    warnings += props.warnings
+    mu = options.mu if options.mu is not None else (material.mu if material else materials.DEFAULT_MU)
+    modulus = None
+    if options.hydroelastic:
+        modulus = options.hydroelastic_modulus_pa or (
+            material.hydroelastic_modulus_pa if material else materials.DEFAULT_HYDROELASTIC_MODULUS_PA
+        )
+
+    files = write_visual(glb, folder, name, transform)
+    collision_uris = []
+    for index, (piece_vertices, piece_faces) in enumerate(pieces.pieces):
+        path = write_obj(
+            folder / f"{name}_collision_{index}.obj", piece_vertices, piece_faces, f"{name} collision piece {index}, +Z up, metres"
+        )
+        files.append(path)
+        collision_uris.append(path.name)
+    sdf_path = folder / f"{name}.sdf"
+    sdf_path.write_text(
+        sdf_text(name, props.mass_kg, props.com_m, props.inertia_kg_m2, files[0].name, collision_uris, mu, modulus)
+    )
+    files.insert(0, sdf_path)
+
+    validated = _validate(sdf_path, options, warnings)
+    bounds = np.array([visual_drake.min(axis=0), visual_drake.max(axis=0)])
+    report = ConversionReport(
+        name=name,
+        package_dir=folder,
+        sdf_path=sdf_path,
+        files=files,
+        method=pieces.method,
+        fallbacks=list(pieces.fallbacks),
+        pieces=len(pieces.pieces),
+        mass_kg=props.mass_kg,
+        volume_m3=props.volume_m3,
+        density_kg_m3=props.density_kg_m3,
+        com_m=[float(c) for c in props.com_m],
+        inertia_kg_m2=[[float(x) for x in row] for row in props.inertia_kg_m2],
+        bbox_m=[float(e) for e in bounds[1] - bounds[0]],
+        inertia_source=props.source,
+        mu=float(mu),
+        watertight=solid.watertight,
+        validated=validated,
+        seconds=0.0,
+        warnings=warnings,
+    )
+    manifest_path = folder / f"{name}.json"
+    files.append(manifest_path)
+    report.seconds = time.monotonic() - start
+    manifest = {
+        "geomgen_version": geomgen.__version__,
+        "sdf_version": SDF_VERSION,
+        "inputs": sources,
+        "options": options.to_dict(),
+        "collision_params": pieces.params,
+        "decomposition_faces": pieces.faces_in,
+        "hydroelastic_modulus_pa": modulus,
+        "bounds_m": bounds.tolist(),
+        **report.to_dict(),
+    }
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return report
+
+
+def _validate(sdf_path: Path, options: ConvertOptions, warnings: list[str]) -> bool:
+    """Load the package in Drake when asked and possible; ConvertError if Drake rejects it."""
+    if not options.validate:
+        return False
+    if importlib.util.find_spec("pydrake") is None:
+        warnings.append("not checked in Drake: pydrake is not installed (pip install 'geomgen[drake]')")
+        return False
+    from geomgen.geometry.drake_check import validate_sdf
+
+    validate_sdf(sdf_path)
+    return True
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move the finished package ``new`` to ``final``, replacing an older package there."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
