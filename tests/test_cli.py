@@ -101,7 +101,7 @@ def test_generate_json_with_an_embedded_stack(tmp_path):
         assert set(row) >= {"index", "input", "status", "glb_path", "sdf_path", "stage", "error", "seconds"}
         assert row["backend"] == backend and row["seconds"] > 0
         assert Path(row["glb_path"]).stat().st_size > 0
-        assert validate_sdf(Path(row["sdf_path"]))["mass"] == pytest.approx(2.5)
+        assert validate_sdf(Path(row["sdf_path"]))["mass_kg"] == pytest.approx(2.5)
     assert rows[0]["sdf_path"] == str(out / "chair" / "chair.sdf")
     assert rows[2]["status"] == "error" and rows[2]["stage"] == "input" and "missing.png" in rows[2]["error"]
     assert "backend(s) used: mesh, silhouette" in result.stderr
