@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 OPTION_NAMES = ("height_m", "depth_ratio", "resolution", "texture_px")
 DEPTH_RATIO = 1.0  # thickest depth / diameter of the outline's largest inscribed circle (1: a disc -> a sphere)
-MESH_PX = 128  # long side of the grid the solid is built on, px (faces grow with its square)
+MESH_PX = 96  # long side of the grid the solid is built on, px: at most ~4 x 96^2 = 37k faces
 TEXTURE_PX = 1024  # long side of the texture cropped from the input, px
 WORK_PX = 256  # long side of the image the foreground is segmented at, px
 BORDER_PX = 4  # width of the frame whose colour defines "background" (working px)
@@ -99,8 +99,9 @@ def foreground_mask(image: "PIL.Image.Image", work_px: int = WORK_PX) -> tuple[n
 
 
 def _segment_plain_background(rgb: np.ndarray) -> tuple[np.ndarray, str]:
-    """Object vs a plain background: GrabCut seeded by colour distance to the
-    frame's median colour, falling back to that distance thresholded."""
+    """Object vs a plain background: GrabCut seeded by each pixel's colour
+    distance to the background fitted to the image's frame, falling back to
+    that distance thresholded."""
     import cv2
 
     lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
@@ -338,8 +339,6 @@ def silhouette_mesh(
     mesh = trimesh.Trimesh(
         vertices=points, faces=faces, visual=trimesh.visual.TextureVisuals(uv=uv, material=material), process=False
     )
-    if mesh.volume < 0:
-        mesh.invert()
     extent_y = float(np.ptp(points[:, 1]))
     mesh.apply_scale(height_m / extent_y)
     low, high = mesh.bounds
