@@ -212,7 +212,7 @@ class SdfWorker:
             try:
                 frames = self._jobs.recv_multipart(flags=zmq.NOBLOCK, copy=True)
             except zmq.Again:
-                return
+                break
             try:
                 _, job = protocol.decode(frames, protocol.BROKER_TO_SDF)
             except ProtocolError as exc:
