@@ -107,6 +107,19 @@ def test_generate_json_with_an_embedded_stack(tmp_path):
     assert "backend(s) used: mesh, silhouette" in result.stderr
 
 
+def test_demo_runs_the_pipeline_on_the_bundled_samples(tmp_path):
+    out = tmp_path / "demo"
+    result = geomgen("demo", "--out", str(out), "--collision", "hull", timeout_s=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    samples = sorted(p for p in SAMPLES.iterdir() if p.suffix in (".png", ".glb"))
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in ([p.name] for p in samples)]
+    assert [row[0] for row in rows] == [p.name for p in samples]
+    assert all(row[2] == "ok" for row in rows), result.stdout
+    for sample in samples:
+        assert (out / sample.stem / f"{sample.stem}.sdf").is_file()
+    assert f"SDF packages in {out.resolve()}" in result.stdout
+
+
 def test_convert_json(tmp_path):
     out = tmp_path / "assets"
     bogus = tmp_path / "notes.obj"
