@@ -212,7 +212,9 @@ def _checked(scene: "trimesh.Scene", name: str, warnings: list[str]) -> "trimesh
         raise _bad(name, f"it contains no triangle faces{what}; a point cloud or a line drawing cannot become a solid")
     if dropped:
         warnings.append(f"{len(dropped)} part(s) without faces ({', '.join(kinds)}) were left out")
-    faces = sum(len(g.faces) for g in scene.geometry.values())
+    # Counted per placed node: instancing can multiply a small file's faces,
+    # and to_output_conventions bakes every instance.
+    faces = sum(len(scene.geometry[scene.graph[node][1]].faces) for node in scene.graph.nodes_geometry)
     if faces > MAX_MESH_FACES:
         raise _bad(name, f"{faces:,} faces is over the {MAX_MESH_FACES:,}-face limit; decimate it first")
     for geom in scene.geometry.values():
