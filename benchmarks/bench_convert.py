@@ -1,0 +1,216 @@
+"""SDF conversion on the five real meshes: geomgen's defaults against CoACD with
+the old converter's settings, judged by Drake (collision IoU, 2 cm drop test),
+and the SDF pool's speed-up from one conversion process to two.
+
+    python benchmarks/bench_convert.py [--meshes coffee_mug work_desk ...] [--skip-baseline] [--skip-pool]
+
+Goals (issue 3): defaults >= 4x faster in total than the baseline, IoU no more
+than 0.02 below the baseline on any mesh, all five pass the drop test; two
+processes convert the five meshes in <= 0.55 x the time of one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from geomgen.geometry.options import ConvertOptions  # noqa: E402
+
+ASSETS = REPO.parent / "shared" / "data" / "scenesmith_assets"
+MESHES = ("coffee_mug", "king_bed", "office_chair", "printer", "work_desk")
+# The old converter's CoACD furniture settings (data/README.md, issue 3), in CoACD's own parameter names.
+OLD_COACD_PARAMS = {
+    "threshold": 0.03,
+    "resolution": 2000,
+    "mcts_nodes": 20,
+    "mcts_iterations": 150,
+    "mcts_max_depth": 3,
+    "merge": True,
+    "max_ch_vertex": 256,
+    "preprocess_mode": "auto",
+    "preprocess_resolution": 50,
+}
+# The baseline is slow on a shared 2-core machine; it must not hit the fallback ladder's time limit.
+BASELINE_TIMEOUT_S = 3600.0
+# The baseline decomposes the whole vertex-merged mesh: a face budget above any
+# input's face count turns geomgen's simplification before decomposition off.
+NO_SIMPLIFICATION_FACES = 10**9
+GOAL_SPEEDUP = 4.0
+GOAL_IOU_DROP = 0.02
+GOAL_POOL_RATIO = 0.55
+
+
+def mesh_glb(name: str) -> bytes:
+    """The shipped glTF (buffers and texture beside it) as one GLB, as a GPU worker sends it."""
+    import trimesh
+
+    buffer = io.BytesIO()
+    trimesh.load(ASSETS / name / f"{name}.gltf").export(buffer, file_type="glb")
+    return buffer.getvalue()
+
+
+def baseline_options() -> ConvertOptions:
+    return ConvertOptions(
+        collision="coacd",
+        collision_params=dict(OLD_COACD_PARAMS),
+        simplify_faces=NO_SIMPLIFICATION_FACES,
+        decomposition_timeout_s=BASELINE_TIMEOUT_S,
+    )
+
+
+def convert_and_judge(name: str, glb: bytes, options: ConvertOptions, out_dir: Path) -> dict:
+    """One conversion timed (seconds include writing and Drake validation), then judged."""
+    from geomgen.geometry.convert import convert_mesh
+    from geomgen.geometry.drake_check import collision_iou, drop_test
+
+    start = time.perf_counter()
+    report = convert_mesh(glb, f"{name}.glb", out_dir, name, options)
+    seconds = time.perf_counter() - start
+    sdf = out_dir / name / f"{name}.sdf"
+    drop = drop_test(sdf)
+    return {
+        "mesh": name,
+        "seconds": round(seconds, 2),
+        "method": getattr(report, "method", None),
+        "pieces": len(list((out_dir / name).glob(f"{name}_collision_*.obj"))),
+        "iou": round(collision_iou(sdf), 4),
+        "tilt_deg": round(drop.tilt_deg, 2),
+        "speed_m_s": round(drop.speed_m_s, 4),
+        "drop_passed": drop.passed,
+    }
+
+
+def compare(meshes: list[str], glbs: dict[str, bytes], skip_baseline: bool, tmp: Path) -> dict:
+    settings = {"default": ConvertOptions()}
+    if not skip_baseline:
+        settings["old_coacd"] = baseline_options()
+    runs: dict[str, list[dict]] = {}
+    for label, options in settings.items():
+        runs[label] = []
+        for name in meshes:
+            row = convert_and_judge(name, glbs[name], options, tmp / label)
+            runs[label].append(row)
+            print(f"  {label:9s} {name:13s} {row['seconds']:7.1f} s  {row['pieces']:3d} pieces  "
+                  f"IoU {row['iou']:.3f}  tilt {row['tilt_deg']:5.1f} deg", flush=True)
+    summary: dict = {"default_total_s": round(sum(r["seconds"] for r in runs["default"]), 2),
+                     "all_default_drops_pass": all(r["drop_passed"] for r in runs["default"])}
+    if "old_coacd" in runs:
+        summary["old_total_s"] = round(sum(r["seconds"] for r in runs["old_coacd"]), 2)
+        summary["speedup"] = round(summary["old_total_s"] / summary["default_total_s"], 2)
+        summary["worst_iou_drop"] = round(
+            max(old["iou"] - new["iou"] for old, new in zip(runs["old_coacd"], runs["default"])), 4
+        )
+        summary["goals_met"] = (
+            summary["speedup"] >= GOAL_SPEEDUP
+            and summary["worst_iou_drop"] <= GOAL_IOU_DROP
+            and summary["all_default_drops_pass"]
+        )
+    return {"runs": runs, "summary": summary}
+
+
+def _pool_job(job: tuple[str, bytes, str]) -> float:
+    """Convert one mesh with default options in a pool process; seconds taken."""
+    from geomgen.geometry.convert import convert_mesh
+
+    name, glb, out_dir = job
+    start = time.perf_counter()
+    convert_mesh(glb, f"{name}.glb", Path(out_dir), name, ConvertOptions())
+    return time.perf_counter() - start
+
+
+def _warm_up(barrier) -> None:
+    # Imports (trimesh, CoACD, pydrake) are paid in every process before the
+    # clock starts; the barrier holds each back until all are warm.
+    import geomgen.geometry.convert  # noqa: F401
+    import geomgen.geometry.drake_check  # noqa: F401
+    import pydrake.multibody.plant  # noqa: F401
+
+    barrier.wait(timeout=600)
+
+
+def pool_seconds(processes: int, meshes: list[str], glbs: dict[str, bytes], tmp: Path) -> float:
+    """Wall seconds for ``processes`` worker processes to convert ``meshes``, one
+    job at a time each, largest input first (as a queue of jobs would drain)."""
+    order = sorted(meshes, key=lambda m: len(glbs[m]), reverse=True)
+    jobs = [(name, glbs[name], str(tmp / f"pool{processes}")) for name in order]
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes, initializer=_warm_up, initargs=(context.Barrier(processes),)) as pool:
+        pool.apply(_noop, (0,))  # a task ran, so every initializer has passed the barrier
+        start = time.perf_counter()
+        list(pool.imap_unordered(_pool_job, jobs, chunksize=1))
+        return time.perf_counter() - start
+
+
+def _noop(_: int) -> None:
+    return None
+
+
+def pool_speedup(meshes: list[str], glbs: dict[str, bytes], tmp: Path) -> dict:
+    one_s = pool_seconds(1, meshes, glbs, tmp)
+    two_s = pool_seconds(2, meshes, glbs, tmp)
+    ratio = two_s / one_s
+    print(f"  pool: 1 process {one_s:.1f} s, 2 processes {two_s:.1f} s, ratio {ratio:.2f} (goal <= {GOAL_POOL_RATIO})")
+    return {"one_process_s": round(one_s, 2), "two_processes_s": round(two_s, 2), "ratio": round(ratio, 3),
+            "goal_met": ratio <= GOAL_POOL_RATIO}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(result: dict) -> None:
+    runs = result["comparison"]["runs"]
+    labels = list(runs)
+    print("\n| mesh | " + " | ".join(f"{lab} s | {lab} pieces | {lab} IoU | {lab} tilt deg" for lab in labels) + " |")
+    print("|---" * (1 + 4 * len(labels)) + "|")
+    for i, row in enumerate(runs[labels[0]]):
+        cells = []
+        for lab in labels:
+            r = runs[lab][i]
+            cells += [f"{r['seconds']:.1f}", str(r["pieces"]), f"{r['iou']:.3f}", f"{r['tilt_deg']:.1f}"]
+        print(f"| {row['mesh']} | " + " | ".join(cells) + " |")
+    print(json.dumps(result["comparison"]["summary"], indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--meshes", nargs="+", default=list(MESHES), choices=MESHES)
+    parser.add_argument("--skip-baseline", action="store_true", help="only geomgen's defaults (the baseline is slow)")
+    parser.add_argument("--skip-pool", action="store_true", help="no one-vs-two process pool measurement")
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "convert.json")
+    args = parser.parse_args()
+    glbs = {name: mesh_glb(name) for name in args.meshes}
+    with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
+        result = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
+            "load_average": os.getloadavg(),
+            "comparison": compare(args.meshes, glbs, args.skip_baseline, Path(tmp)),
+        }
+        if not args.skip_pool:
+            result["pool"] = pool_speedup(args.meshes, glbs, Path(tmp))
+    print_table(result)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
