@@ -19,6 +19,7 @@ from geomgen.cli import cli
 from geomgen.errors import TransportError
 from geomgen.server import GeometryServer
 from tests.conftest import REPO, free_base_port, wait_for
+from tests.plugins import SlowBackend
 
 SAMPLES = REPO / "src" / "geomgen" / "samples"
 COMMANDS = ["broker", "gpu-worker", "sdf-worker", "serve", "generate", "demo", "health", "convert", "doctor"]
@@ -202,3 +203,41 @@ def test_progress_line_counts_states():
     progress.close()
     assert stream.getvalue().startswith("\r[") and stream.getvalue().endswith("\r")
     assert not Progress(1, stream=io.StringIO()).enabled, "silent when not a terminal"
+
+
+class GpuSlowBackend(SlowBackend):
+    """The test suite's slow backend, flagged as a GPU backend so the launcher
+    starts one worker per GPU (registered below through GEOMGEN_BACKENDS)."""
+
+    name = "gpuslow"
+    uses_gpu = True
+
+
+def test_server_starts_one_worker_per_gpu(tmp_path, monkeypatch):
+    """Two GPUs listed by nvidia-smi (a script printing its `-L` format; this
+    machine has none): two workers, each seeing only its own GPU."""
+    from geomgen.client import GeometryClient, GeometryRequest
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-aaaa)'\n"
+                   "echo 'GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-bbbb)'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("GEOMGEN_BACKENDS", "gpuslow=tests.test_cli:GpuSlowBackend")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    server = GeometryServer(backends=["gpuslow"], sdf_workers=0, base_port=0, log_dir=tmp_path / "logs",
+                            backend_options={"delay_s": "0.5"})
+    assert server.expected_workers() == {"gpuslow": 2}
+    with server:
+        assert sorted(w["gpu"] for w in server.wait_until_ready(30)["workers"]) == ["0", "1"]
+        mesh = SAMPLES / "table.glb"
+        requests = [GeometryRequest(image_path=mesh, output_dir=tmp_path / "out", output_filename=f"m{i}",
+                                    backend="gpuslow", want_sdf=False) for i in range(2)]
+        with GeometryClient(server.address, timeout_s=30) as client:
+            results = dict(client.generate(requests))
+    assert all(r.ok for r in results.values()), [r.error for r in results.values()]
+    seen = sorted(r.info["generate"]["cuda_visible_devices"] for r in results.values())
+    assert seen == ["0", "1"], "each worker runs with CUDA_VISIBLE_DEVICES set to its own GPU"
