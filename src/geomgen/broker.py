@@ -161,7 +161,10 @@ class Broker:
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self._tick_s
-            self.dispatcher.housekeeping(now)
+            try:
+                self.dispatcher.housekeeping(now)
+            except Exception:  # a bug in one expiry must not stop the broker; the next turn retries
+                log.exception("error during housekeeping")
 
     def _drain(self, sock: zmq.Socket, handler, copy: bool) -> None:
         for _ in range(DRAIN_BATCH):

@@ -175,7 +175,9 @@ class Dispatcher:
         queue = self.queues.get(backend)
         while queue and self.workers.has_idle(backend):
             _, job_id = queue.pop()
-            self._start(self.jobs[job_id], self.workers.take_idle(backend), now)
+            job = self.jobs.get(job_id)
+            if job is not None:  # every path that ends a job takes it out of its queue; stay safe anyway
+                self._start(job, self.workers.take_idle(backend), now)
 
     def _start(self, job: JobRecord, worker: GpuWorker, now: float) -> None:
         self.waits.cancel(job.job_id)
@@ -223,7 +225,7 @@ class Dispatcher:
         elif command is Command.FINAL:
             self._job_result(worker, msg, now)
         elif command is Command.DISCONNECT:
-            self._lose_worker(worker, now, f"it disconnected ({msg.reason or 'no reason given'})")
+            self._lose_worker(worker, now, f"it disconnected ({msg.reason or 'no reason given'})", left=True)
 
     def worker_result_unreadable(self, identity: bytes, reason: str, now: float) -> None:
         """A known worker's FINAL could not be decoded: fail the job it ran rather than wait forever."""
@@ -285,13 +287,17 @@ class Dispatcher:
             self._finish(job, now, error=peer_error(res.error, Stage.GENERATE, "generate_failed", fallback))
         self._dispatch(worker.backend, now)
 
-    def _lose_worker(self, worker: GpuWorker, now: float, reason: str, removed: bool = False) -> None:
-        """Forget a dead, silent or departed worker and re-queue the job it ran."""
+    def _lose_worker(self, worker: GpuWorker, now: float, reason: str, *, removed: bool = False,
+                     left: bool = False) -> None:
+        """Forget a dead, silent or departed (``left``) worker and re-queue the job it ran."""
         if not removed:
             self.workers.remove(worker.identity)
-        self.stats.backend(worker.backend).lost += 1
-        log.warning("GPU worker %s (%s) lost: %s", worker.worker_id, worker.backend, reason)
         job = self.jobs.get(worker.job_id) if worker.job_id else None
+        if left and job is None:
+            log.info("GPU worker %s (%s) left: %s", worker.worker_id, worker.backend, reason)
+        else:
+            self.stats.backend(worker.backend).lost += 1
+            log.warning("GPU worker %s (%s) lost: %s", worker.worker_id, worker.backend, reason)
         if job is not None and job.state is JobState.GENERATING and job.attempt == worker.attempt:
             job.lost += 1
             if job.lost > self.max_retries:
@@ -329,7 +335,10 @@ class Dispatcher:
         """Push waiting SDF jobs while the pool has credit."""
         pool = self.sdf
         while pool.waiting and pool.credit() > 0:
-            job = self.jobs[pool.waiting[0]]
+            job = self.jobs.get(pool.waiting[0])
+            if job is None:
+                pool.waiting.popleft()
+                continue
             attempt = job.sdf_attempt + 1
             if not self.out.to_sdf(SdfJob(job.job_id, attempt, job.request.output_name, job.glb, job.convert)):
                 return
