@@ -689,6 +689,7 @@ def test_health_reports_workers_queues_and_timings(start_broker, peers):
     assert stats["broker_id"] == broker.broker_id
     assert stats["backends"]["fake"]["workers"] == 1 and stats["backends"]["fake"]["completed"] == 1
     assert stats["workers"][0]["worker_id"] == worker.worker_id and stats["completed"] == 1
+    assert stats["sdf_workers"][0]["worker_id"] == sdf.worker_id
     assert stats["sdf_workers"][0]["slots"] == 3 and stats["sdf_free"] == 3
     assert stats["in_flight"] == 0 and stats["avg_generate_s"] > 0
 
