@@ -228,8 +228,7 @@ def test_server_starts_one_worker_per_gpu(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("GEOMGEN_BACKENDS", "gpuslow=tests.test_cli:GpuSlowBackend")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    server = GeometryServer(backends=["gpuslow"], sdf_workers=0, base_port=0, log_dir=tmp_path / "logs",
-                            backend_options={"delay_s": "0.5"})
+    server = GeometryServer(backends=["gpuslow"], sdf_workers=0, base_port=0, backend_options={"delay_s": "0.5"})
     assert server.expected_workers() == {"gpuslow": 2}
     with server:
         assert sorted(w["gpu"] for w in server.wait_until_ready(30)["workers"]) == ["0", "1"]
@@ -239,5 +238,6 @@ def test_server_starts_one_worker_per_gpu(tmp_path, monkeypatch):
         with GeometryClient(server.address, timeout_s=30) as client:
             results = dict(client.generate(requests))
     assert all(r.ok for r in results.values()), [r.error for r in results.values()]
+    assert not server.log_dir.exists(), "the temporary log folder of a clean run is removed"
     seen = sorted(r.info["generate"]["cuda_visible_devices"] for r in results.values())
     assert seen == ["0", "1"], "each worker runs with CUDA_VISIBLE_DEVICES set to its own GPU"

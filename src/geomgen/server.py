@@ -8,6 +8,7 @@ until the broker sees them all, and stops them with SIGTERM, then SIGKILL.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,7 +110,8 @@ class GeometryServer:
         base_port: the broker's client port (the others follow); 0 or None picks free ports.
         backend_options: ``--backend-option`` key -> value for every GPU worker.
         gpus: GPU ids; default from CUDA_VISIBLE_DEVICES or ``nvidia-smi -L``.
-        log_dir: where each child's log goes; default a new temporary folder.
+        log_dir: where each child's log goes; default a new temporary folder,
+            removed by stop() when every child exited cleanly.
         env: extra environment variables for the children.
         broker_settings: heartbeat_interval_s, no_worker_timeout_s, sdf_lease_s (seconds).
     """
@@ -142,6 +144,7 @@ class GeometryServer:
         self.backend_options = {str(k): str(v) for k, v in (backend_options or {}).items()}
         self.gpus = None if gpus is None else [str(g) for g in gpus]
         self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._temporary_log_dir = False
         self.env = dict(env or {})
         self.broker_settings = broker_settings
         self.endpoints: Endpoints | None = None
@@ -166,6 +169,7 @@ class GeometryServer:
             raise TransportError("the GeometryServer is already started", code="already_started")
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="geomgen-logs-"))
+            self._temporary_log_dir = True
         self.log_dir.mkdir(parents=True, exist_ok=True)
         base = self.base_port or free_base_port("127.0.0.1" if self.host in ("0.0.0.0", "*") else self.host)
         self.endpoints = Endpoints.from_base(self.host, base)
@@ -263,6 +267,10 @@ class GeometryServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        clean = all(c.process is None or c.process.returncode in (0, -signal.SIGTERM) for c in self.children)
+        if clean and self._temporary_log_dir and self.log_dir is not None:
+            # Logs of a run where nothing went wrong are not worth a folder per run in /tmp.
+            shutil.rmtree(self.log_dir, ignore_errors=True)
         self.children = []
 
     def serve_forever(self, poll_interval_s: float = 0.5) -> int:
