@@ -299,6 +299,9 @@ def convert(meshes, out_dir, up_axis, as_json, **convert_params) -> None:
             failed += 1
             row.update(status="error", error=f"{exc.stage.value}/{exc.code}: {exc.message}",
                        seconds=round(time.monotonic() - start, 3))
+        except OSError as exc:  # the output folder, mostly
+            failed += 1
+            row.update(status="error", error=f"input/write_failed: {exc}", seconds=round(time.monotonic() - start, 3))
         if as_json:
             click.echo(json.dumps(row))
         elif row["status"] == "ok":
