@@ -83,6 +83,7 @@ class GeometryClient:
         self._socket: zmq.Socket | None = None
         self._inbox: collections.deque = collections.deque()  # messages read by health() for generate()
         self._auto_backend: str | GeomgenError | None = None  # backend=auto for images, per generate() call
+        self._input_kinds: dict[str, str | None] = {}  # backend -> input kind; reading the registry costs ms
         self._connect()
 
     # --- connection -------------------------------------------------------------
@@ -192,6 +193,7 @@ class GeometryClient:
         requests = list(requests)
         call_id = uuid.uuid4().hex[:8]
         self._auto_backend = None
+        self._input_kinds = {}
         outstanding: dict[str, _Item] = {}
         finished: set[str] = set()
         next_index = 0
@@ -329,7 +331,9 @@ class GeometryClient:
             raise InputError(f"backend must be a name such as 'auto', got {backend!r}", code="bad_request")
         if backend == "auto":
             return "mesh" if kind == "mesh" else self._auto_image_backend()
-        expected = input_kind(backend)
+        if backend not in self._input_kinds:
+            self._input_kinds[backend] = input_kind(backend)
+        expected = self._input_kinds[backend]
         if expected is not None and expected != kind:
             raise InputError(
                 f"backend {backend!r} takes {expected} files but {path.name} is {'an' if kind == 'image' else 'a'} "
