@@ -38,7 +38,8 @@ log = logging.getLogger("geomgen.broker")
 class Outbox(Protocol):
     """Where the dispatcher's messages go (the broker's sockets)."""
 
-    def to_client(self, identity: bytes, message: Any) -> None: ...
+    def to_client(self, identity: bytes, message: Any) -> None:
+        """Best effort: a client that left cannot be reached and asks again later."""
 
     def to_worker(self, identity: bytes, message: Any) -> bool:
         """False when the worker's connection is gone."""
@@ -114,6 +115,7 @@ class Dispatcher:
         return [r for r in request_ids if isinstance(r, str) and not self.holds(identity, r)]
 
     def cancel(self, identity: bytes, request_ids: list, now: float) -> None:
+        """A client's CANCEL: each listed request it holds gets FINAL ``cancelled`` now."""
         for request_id in request_ids:
             job = self.jobs.get(self.keys.get((identity, request_id), "")) if isinstance(request_id, str) else None
             if job is None:
