@@ -145,7 +145,7 @@ class UnavailableBackend(Backend):
 def selectable_convert(data: bytes, input_name: str, out_dir: Path, name: str, options):
     """Same signature as geomgen.geometry.convert.convert_mesh. The output name
     picks a behaviour: ``segfault*`` dies with SIGSEGV, ``hang*`` never returns,
-    ``sleep*`` waits 1 s then converts, ``bad_input*`` raises InputError,
+    ``sleep*`` waits 0.5 s then converts, ``bad_input*`` raises InputError,
     ``bad_convert*`` raises ConvertError, ``oops*`` raises a plain exception;
     anything else is the real conversion. When GEOMGEN_TEST_PID_DIR is set the
     child writes its pid there as ``<name>.pid`` first, so a test can check it
@@ -158,7 +158,7 @@ def selectable_convert(data: bytes, input_name: str, out_dir: Path, name: str, o
     if name.startswith("hang"):
         threading.Event().wait()
     if name.startswith("sleep"):
-        threading.Event().wait(1.0)
+        threading.Event().wait(0.5)
     if name.startswith("bad_input"):
         raise InputError("the GLB has no faces (synthetic)", code="bad_mesh")
     if name.startswith("bad_convert"):

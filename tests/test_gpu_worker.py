@@ -269,6 +269,7 @@ def test_start_up_failures_exit_2_with_a_clear_message(spawn):
         "unavailable": spawn("unavailable"),
         "unknown": spawn("no-such-backend"),
         "bad_option": spawn("instant", "--backend-option", "delay_s=soon"),
+        "bad_heartbeat": spawn("instant", "--heartbeat-interval", "0"),
     }
     for proc in cases.values():
         assert proc.wait(timeout=30) == 2
@@ -277,6 +278,7 @@ def test_start_up_failures_exit_2_with_a_clear_message(spawn):
     assert "pip install 'geomgen[unavailable-extra]'" in logs["unavailable"]
     assert "unknown backend 'no-such-backend'" in logs["unknown"] and "GEOMGEN_BACKENDS" in logs["unknown"]
     assert "delay_s must be a number" in logs["bad_option"]
+    assert "interval > 0 s" in logs["bad_heartbeat"]
     for text in logs.values():
         assert "Traceback" not in text
 

@@ -237,3 +237,23 @@ def test_takes_only_as_many_jobs_as_slots(broker, endpoints, pid_dir, monkeypatc
         worker.close()
     assert not thread.is_alive()
     assert broker.recv()[0] is protocol.Command.DISCONNECT
+
+
+def test_start_up_failures_exit_2_with_a_clear_message(tmp_path, endpoints, pid_dir):
+    broker = f"127.0.0.1:{endpoints.client_port}"
+    env = worker_env(pid_dir)
+    runs = {
+        "procs": ({}, ["--procs", "0"]),
+        "timeout": ({}, ["--convert-timeout", "0"]),
+        "converter": ({"GEOMGEN_CONVERT_FN": "no_such_module:convert"}, []),
+    }
+    procs = {
+        name: subprocess.Popen([sys.executable, "-m", "geomgen.sdf_worker", "--broker", broker, *args], cwd=REPO,
+                               env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name, (extra, args) in runs.items()
+    }
+    out = {name: proc.communicate(timeout=60)[0] for name, proc in procs.items()}
+    assert {name: proc.returncode for name, proc in procs.items()} == {name: 2 for name in runs}
+    assert "procs must be at least 1" in out["procs"]
+    assert "conversion timeout must be > 0" in out["timeout"]
+    assert "'no_such_module:convert'" in out["converter"] and "GEOMGEN_CONVERT_FN" in out["converter"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,10 +61,17 @@ def preload_modules() -> list[str]:
     return [__name__, convert_fn_spec().partition(":")[0], *WARM_MODULES]
 
 
+CHECK_FAILED_EXIT = 3  # exit code of check() when the conversion function cannot be loaded
+
+
 def check() -> None:
     """Run in a first child at worker start: proves children start and the
-    conversion function imports; raises InputError otherwise."""
-    resolve_convert_fn()
+    conversion function imports; else prints why and exits CHECK_FAILED_EXIT."""
+    try:
+        resolve_convert_fn()
+    except InputError as exc:
+        print(f"geomgen conversion process: {exc.message}", file=sys.stderr, flush=True)
+        sys.exit(CHECK_FAILED_EXIT)
 
 
 def run(job_dir: str, glb: bytes, input_name: str, name: str, options: dict) -> None:

@@ -59,6 +59,7 @@ class GpuWorker:
         reconnect_max_s: float = defaults.RECONNECT_MAX_S,
         worker_id: str | None = None,
     ):
+        check_heartbeat(heartbeat_interval_s, heartbeat_liveness)
         self.backend = backend
         self.backend_name = backend_name
         self.endpoints = endpoints
@@ -70,7 +71,6 @@ class GpuWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.completed = 0
         self.failed = 0
-        self.connections = 0  # how many times READY was sent
 
         self._ctx = zmq.Context()
         self._pipe = self._ctx.socket(zmq.PAIR)
@@ -153,12 +153,6 @@ class GpuWorker:
         if not abandoned:
             self.backend.close()
 
-    def __enter__(self) -> "GpuWorker":
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     # --- connection -----------------------------------------------------------
 
     def _next_timer_s(self) -> float:
@@ -176,25 +170,15 @@ class GpuWorker:
         sock.connect(self.endpoints.worker)
         self._socket = sock
         self._poller.register(sock, zmq.POLLIN)
-        info = {
-            "version": __version__,
-            "input_kind": self.backend.input_kind,
-            "uses_gpu": self.backend.uses_gpu,
-        }
+        info = {"version": __version__, "input_kind": self.backend.input_kind, "uses_gpu": self.backend.uses_gpu}
         if self._job is not None:
             # Re-announced mid-job: tell the broker so it does not route to us yet.
             info["running_job"] = [self._job.job_id, self._job.attempt]
         ready = protocol.WorkerReady(
-            worker_id=self.worker_id,
-            backend=self.backend_name,
-            hostname=socket.gethostname(),
-            pid=os.getpid(),
-            gpu=self.gpu,
-            info=info,
-            heartbeat_interval_s=self.heartbeat_interval_s,
+            worker_id=self.worker_id, backend=self.backend_name, hostname=socket.gethostname(), pid=os.getpid(),
+            gpu=self.gpu, info=info, heartbeat_interval_s=self.heartbeat_interval_s,
         )
         self._send(protocol.encode(ready))
-        self.connections += 1
         log.info("READY sent to %s as %s (backend %s)", self.endpoints.worker, self.worker_id, self.backend_name)
         outbox, self._outbox = self._outbox, []
         for frames in outbox:
@@ -321,6 +305,13 @@ class GpuWorker:
 # --- process entry --------------------------------------------------------------
 
 
+def check_heartbeat(interval_s: float, liveness: int) -> None:
+    """InputError unless ``interval_s`` > 0 seconds and ``liveness`` >= 1 intervals."""
+    if not interval_s > 0 or liveness < 1:
+        raise InputError(f"heartbeats need an interval > 0 s and a liveness >= 1, got {interval_s} s and "
+                         f"{liveness}", code="bad_option")
+
+
 def startup_message(backend: str, exc: GeomgenError, extra: str | None = None) -> str:
     """One paragraph for stderr: what failed and what to do about it."""
     text = f"geomgen gpu-worker: cannot start backend {backend!r}: {exc.message}"
@@ -352,6 +343,11 @@ def main(
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        check_heartbeat(heartbeat_interval_s, heartbeat_liveness)
+    except InputError as exc:
+        print(f"geomgen gpu-worker: {exc.message}", file=sys.stderr)
+        return 2
     cls = None
     try:
         cls = load_backend_class(backend)

@@ -64,6 +64,9 @@ class SdfWorker:
     ):
         if procs < 1:
             raise InputError(f"procs must be at least 1, got {procs}", code="bad_option")
+        for label, value_s in (("heartbeat interval", heartbeat_interval_s), ("conversion timeout", convert_timeout_s)):
+            if not value_s > 0:
+                raise InputError(f"the {label} must be > 0 seconds, got {value_s}", code="bad_option")
         self.endpoints = endpoints
         self.slots = procs
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -87,6 +90,7 @@ class SdfWorker:
         self._results.connect(endpoints.sdf_result)
         self._next_heartbeat_s = 0.0
         self._announced = False
+        self._dropping = False  # the result queue was full at the last send
         self._closed = False
 
     @property
@@ -108,10 +112,14 @@ class SdfWorker:
             probe.join(KILL_WAIT_S)
             raise InputError(f"a conversion process did not start within {timeout_s:g} s", code="start_failed",
                              stage=Stage.CONVERT)
+        if probe.exitcode == convert_child.CHECK_FAILED_EXIT:
+            raise InputError(f"the conversion function {convert_child.convert_fn_spec()!r} cannot be loaded "
+                             "(see the line above)", code="start_failed", stage=Stage.CONVERT)
         if probe.exitcode != 0:
             raise InputError(
-                f"a conversion process failed at start (exit code {probe.exitcode}); the converter "
-                f"{convert_child.convert_fn_spec()!r} cannot be imported here - see the log above",
+                f"a conversion process failed at start (exit code {probe.exitcode}); see its traceback above "
+                f"(a conversion process imports the converter {convert_child.convert_fn_spec()!r} and the "
+                "program's main module, which must guard its entry with if __name__ == '__main__')",
                 code="start_failed", stage=Stage.CONVERT,
             )
         probe.close()
@@ -181,7 +189,14 @@ class SdfWorker:
         try:
             self._results.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            log.warning("the broker's result queue is full; a message was dropped (the lease will re-push)")
+            # The broker is away and ZeroMQ's queue to it is full; its lease re-pushes lost jobs.
+            if not self._dropping:
+                log.warning("the broker is not taking messages; dropping results and heartbeats until it does")
+            self._dropping = True
+            return
+        if self._dropping:
+            log.info("the broker takes messages again")
+        self._dropping = False
 
     def _send_status(self, command: protocol.Command) -> None:
         held = [[c.job_id, c.attempt] for c in self._running.values()]
