@@ -17,6 +17,7 @@ from geomgen.backends.mesh import MeshBackend
 from geomgen.backends.sam3d import Sam3dBackend
 from geomgen.backends.silhouette import SilhouetteBackend, foreground_mask
 from geomgen.errors import BackendUnavailable, GenerateError, InputError
+from geomgen.geometry.inflate import inflate
 from geomgen.geometry.meshio import load_mesh, scene_bounds
 
 SAMPLES = Path(__file__).resolve().parents[1] / "src" / "geomgen" / "samples"
@@ -166,6 +167,59 @@ def test_silhouette_on_a_plain_background(tmp_path):
     assert mesh.extents[2] == pytest.approx(deep.extents[2] / 2.0, rel=0.05)  # depth_ratio halves the depth
 
 
+def footprint(mesh: trimesh.Trimesh) -> np.ndarray:
+    """(x, z) of the vertices the solid rests on, shape (n, 2)."""
+    return mesh.vertices[mesh.vertices[:, 1] < 1e-9][:, [0, 2]]
+
+
+@pytest.mark.parametrize("sample", ["mug.png", "chair.png"])
+def test_silhouette_stands_on_a_flat_base(sample, tmp_path):
+    from scipy.spatial import Delaunay
+
+    data = (SAMPLES / sample).read_bytes()
+    mesh = only_mesh(SilhouetteBackend().generate(job(sample, data, tmp_path)).glb)
+    check_solid(mesh, 1.0)
+    feet = footprint(mesh)
+    # The footprint has real depth and holds the centre of mass: an upright
+    # solid does not rock over on a rounded rim.
+    assert np.ptp(feet[:, 1]) > 0.3 * mesh.extents[2]
+    assert Delaunay(feet).find_simplex(mesh.center_mass[[0, 2]]) >= 0
+    rounded = only_mesh(SilhouetteBackend().generate(job(sample, data, tmp_path, flat_base="off")).glb)
+    check_solid(rounded, 1.0)
+    assert np.ptp(footprint(rounded)[:, 1]) < 1e-6  # without it, the bottom is a rim line
+
+
+def inflated(mask: np.ndarray, **kwargs) -> trimesh.Trimesh:
+    vertices, faces = inflate(np.pad(mask, 3), **kwargs)
+    return trimesh.Trimesh(vertices=vertices[:, [1, 0, 2]] * [1, -1, 1], faces=faces, process=False)
+
+
+def test_inflated_disc_is_a_sphere():
+    y, x = np.mgrid[0:81, 0:81]
+    disc = (x - 40) ** 2 + (y - 40) ** 2 <= 30.5**2
+    mesh = inflated(disc, flat_base=False)
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert mesh.volume == pytest.approx(4.0 / 3.0 * np.pi * 30.5**3, rel=0.05)
+    assert mesh.extents[2] == pytest.approx(mesh.extents[0], rel=0.08)  # distances are measured from pixel centres
+    half = inflated(disc, flat_base=False, depth_ratio=0.5)
+    assert half.volume == pytest.approx(mesh.volume / 2.0, rel=0.02)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("flat_base", [True, False])
+def test_inflate_closes_any_mask(seed, flat_base):
+    # Blobs with holes, thin strokes and pixels touching only at corners.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.random((48, 40)), 2.0 + seed % 3) > 0.5
+    mask |= rng.random(mask.shape) > 0.97
+    mask[rng.integers(0, 48), :] = True
+    mesh = inflated(mask, flat_base=flat_base)
+    assert mesh.is_watertight and mesh.is_winding_consistent
+    assert all(body.volume > 0 for body in mesh.split(only_watertight=False))
+
+
 def test_segmentation_matches_the_drawn_outline():
     image = Image.open(SAMPLES / "chair.png").convert("RGBA")
     mask, method = foreground_mask(image, work_px=image.height)
@@ -245,7 +299,7 @@ def test_silhouette_bad_image_and_options(tmp_path):
     with pytest.raises(InputError) as info:
         SilhouetteBackend().generate(job("mug.png", data[: len(data) // 2], tmp_path))
     assert info.value.code == "bad_image"
-    for options in ({"height_m": "0"}, {"depth_ratio": "thick"}, {"resolution": "12.5"}, {"size": "1"}):
+    for options in ({"height_m": "0"}, {"depth_ratio": "thick"}, {"resolution": "12.5"}, {"size": "1"}, {"flat_base": "maybe"}):
         with pytest.raises(InputError) as info:
             SilhouetteBackend(options)
         assert info.value.code == "bad_option"

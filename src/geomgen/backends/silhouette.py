@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import PIL.Image
     import trimesh
 
-OPTION_NAMES = ("height_m", "depth_ratio", "resolution", "texture_px")
+OPTION_NAMES = ("height_m", "depth_ratio", "resolution", "texture_px", "flat_base")
 DEPTH_RATIO = 1.0  # thickest depth / diameter of the outline's largest inscribed circle (1: a disc -> a sphere)
 MESH_PX = 96  # long side of the grid the solid is built on, px: at most ~4 x 96^2 = 37k faces
 TEXTURE_PX = 1024  # long side of the texture cropped from the input, px
@@ -39,7 +39,8 @@ PAD_PX = 3  # empty grid cells around the outline so the surface closes inside t
 def parse_silhouette_options(options: dict[str, Any]) -> dict[str, Any]:
     """Validate options: ``height_m`` (> 0, default defaults.SILHOUETTE_HEIGHT_M),
     ``depth_ratio`` (> 0, default DEPTH_RATIO), ``resolution`` (grid px, 16-512,
-    default MESH_PX), ``texture_px`` (64-4096, default TEXTURE_PX). Values may be
+    default MESH_PX), ``texture_px`` (64-4096, default TEXTURE_PX), ``flat_base``
+    (true/false, default true: the solid stands on a flat footprint). Values may be
     strings (``--backend-option``); keys may be scoped as ``silhouette.KEY``
     (see geomgen.backends.mesh.scoped_options). Raises InputError ``bad_option``."""
     from geomgen.backends.mesh import scoped_options, unknown_options_error
@@ -53,7 +54,23 @@ def parse_silhouette_options(options: dict[str, Any]) -> dict[str, Any]:
         "depth_ratio": _number(options, "depth_ratio", DEPTH_RATIO, 0.01, 10.0),
         "resolution": int(_number(options, "resolution", MESH_PX, 16, 512, integer=True)),
         "texture_px": int(_number(options, "texture_px", TEXTURE_PX, 64, 4096, integer=True)),
+        "flat_base": _flag(options, "flat_base", True),
     }
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _flag(options: dict, name: str, default: bool) -> bool:
+    value = options.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE + _FALSE:
+        return word in _TRUE
+    raise InputError(f"{name} must be true or false, got {value!r}", code="bad_option")
 
 
 def _number(options: dict, name: str, default: float, low: float, high: float, integer: bool = False) -> float:
@@ -199,111 +216,25 @@ def _clean(mask: np.ndarray) -> np.ndarray:
 # --- solid -----------------------------------------------------------------------
 
 
-def inflate(mask: np.ndarray, depth_ratio: float = DEPTH_RATIO) -> tuple[np.ndarray, np.ndarray]:
-    """A closed surface around ``mask`` (bool, shape (rows, cols), padded by PAD_PX).
-
-    The outline is the zero line of the mask's smoothed signed distance d,
-    traced through a triangulated pixel grid (marching triangles: every grid
-    triangle is clipped to d > 0, crossing points shared along grid edges). The
-    front is that 2-D triangulation lifted to ``z = t`` and the back is its
-    mirror at ``z = -t``, with ``t = depth_ratio * sqrt(d * (2R - d))`` (R the
-    largest inscribed radius: a disc becomes a sphere, and the surface meets the
-    outline plane steeply, so edges are rounded). Outline points have t = 0
-    and belong to both halves, which makes one closed 2-manifold by
-    construction, with about 4 faces per pixel of the object.
-
-    Returns ``(vertices, faces)``: vertices (n, 3) as (row, col, z) in grid
-    pixels, z > 0 facing the viewer; faces (m, 3) int, counter-clockwise seen
-    from outside.
-    """
-    from scipy import ndimage
-
-    inside = ndimage.distance_transform_edt(mask) - 0.5
-    outside = ndimage.distance_transform_edt(~mask) - 0.5
-    # Signed distance, smoothed so the outline is not a pixel staircase; no
-    # grid point exactly on the outline, so every crossing is strictly inside an edge.
-    signed = ndimage.gaussian_filter(np.where(mask, inside, -outside), sigma=1.0)
-    signed[np.abs(signed) < 1e-6] = -1e-6
-    rows, cols = signed.shape
-    values = signed.ravel()
-    ids = np.arange(rows * cols).reshape(rows, cols)
-    v00, v01, v10, v11 = ids[:-1, :-1].ravel(), ids[:-1, 1:].ravel(), ids[1:, :-1].ravel(), ids[1:, 1:].ravel()
-    # Two triangles per cell, counter-clockwise in (x = col, y = -row): normals +z.
-    tris = np.concatenate([np.column_stack([v00, v10, v11]), np.column_stack([v00, v11, v01])])
-    positive = values[tris] > 0.0
-    count = positive.sum(axis=1)
-    keep = tris[count == 3]
-    # One positive corner: the triangle (p, a, b) becomes (p, e(p, a), e(p, b)).
-    # Two: (n, p1, p2) becomes the quad e(n, p1), p1, p2, e(p2, n). Rolling each
-    # triangle so the odd corner comes first keeps its winding.
-    one = _roll_first(tris[count == 1], positive[count == 1].argmax(axis=1))
-    two = _roll_first(tris[count == 2], positive[count == 2].argmin(axis=1))
-    edge_pairs = np.concatenate([one[:, [0, 1]], one[:, [0, 2]], two[:, [0, 1]], two[:, [0, 2]]])
-    keys = np.sort(edge_pairs, axis=1)
-    unique_keys, edge_index = np.unique(keys[:, 0] * (rows * cols) + keys[:, 1], return_inverse=True)
-    n1, n2 = len(one), len(two)
-    edge_ids = rows * cols + edge_index  # crossing vertices are numbered after the grid's
-    e_one_a, e_one_b = edge_ids[:n1], edge_ids[n1 : 2 * n1]
-    e_two_1, e_two_2 = edge_ids[2 * n1 : 2 * n1 + n2], edge_ids[2 * n1 + n2 :]
-    front = np.concatenate(
-        [
-            keep,
-            np.column_stack([one[:, 0], e_one_a, e_one_b]),
-            np.column_stack([e_two_1, two[:, 1], two[:, 2]]),
-            np.column_stack([e_two_1, two[:, 2], e_two_2]),
-        ]
-    )
-    # Crossing points: linear interpolation of d along their grid edge.
-    first, second = unique_keys // (rows * cols), unique_keys % (rows * cols)
-    weight = values[first] / (values[first] - values[second])
-    grid_rc = np.column_stack([ids.ravel() // cols, ids.ravel() % cols]).astype(np.float64)
-    crossing_rc = grid_rc[first] + weight[:, None] * (grid_rc[second] - grid_rc[first])
-
-    radius = max(float(signed.max()), 0.5)
-    depth = np.clip(values, 0.0, radius)
-    half = depth_ratio * np.sqrt(depth * (2.0 * radius - depth))
-    # Keep only grid points the front uses; the back gets its own copy of them,
-    # the crossing points (t = 0) are shared so the halves close up.
-    used_grid = np.unique(front[front < rows * cols])
-    n_grid, n_cross = len(used_grid), len(unique_keys)
-    remap = np.full(rows * cols + n_cross, -1, dtype=np.int64)
-    remap[used_grid] = np.arange(n_grid)
-    remap[rows * cols :] = n_grid + np.arange(n_cross)
-    front = remap[front]
-    back_map = np.arange(n_grid + n_cross)
-    back_map[:n_grid] += n_grid + n_cross
-    back = back_map[front][:, ::-1]
-    vertices = np.concatenate(
-        [
-            np.column_stack([grid_rc[used_grid], half[used_grid]]),
-            np.column_stack([crossing_rc, np.zeros(n_cross)]),
-            np.column_stack([grid_rc[used_grid], -half[used_grid]]),
-        ]
-    )
-    return vertices, np.concatenate([front, back])
-
-
-def _roll_first(tris: np.ndarray, first: np.ndarray) -> np.ndarray:
-    """Rotate each row of ``tris`` (m, 3) cyclically so column ``first[i]`` leads."""
-    order = (first[:, None] + np.arange(3)[None, :]) % 3
-    return np.take_along_axis(tris, order, axis=1)
-
-
 def silhouette_mesh(
     image: "PIL.Image.Image",
     height_m: float = defaults.SILHOUETTE_HEIGHT_M,
     depth_ratio: float = DEPTH_RATIO,
     resolution: int = MESH_PX,
     texture_px: int = TEXTURE_PX,
+    flat_base: bool = True,
 ) -> tuple["trimesh.Trimesh", dict]:
     """Image -> closed textured mesh, +Y up, ``height_m`` tall, resting on y = 0, centred.
 
     Returns ``(mesh, info)``; info holds the segmentation method and sizes.
     The front (+Z) shows the image with UVs equal to image coordinates; the
-    back shows it mirrored. Raises InputError ``no_object``.
+    back shows it mirrored; with ``flat_base`` it stands on a flat footprint
+    (see geometry.inflate). Raises InputError ``no_object``.
     """
     import PIL.Image
     import trimesh
+
+    from geomgen.geometry.inflate import inflate
 
     work_mask, method = foreground_mask(image)
     scale = work_mask.shape[1] / image.width  # working px per image px
@@ -323,7 +254,7 @@ def silhouette_mesh(
     grid = np.pad(np.asarray(coverage) >= 128, PAD_PX)
     if grid.sum() < 4:
         raise InputError("the object is too small in the image to build a solid; crop the image around it", code="no_object")
-    vertices, faces = inflate(grid, depth_ratio)
+    vertices, faces = inflate(grid, depth_ratio, flat_base)
 
     # Grid (row, col) -> texture UV of the object box: u right, v up (trimesh
     # stores OpenGL-style v and flips it when writing glTF).
