@@ -287,7 +287,8 @@ SDF_TO_BROKER: Schema = {
 
 # Which command each message type is sent with when it is unambiguous.
 _DEFAULT_COMMAND: dict[type, Command] = {}
-for _schema in (CLIENT_TO_BROKER, BROKER_TO_CLIENT, WORKER_TO_BROKER, BROKER_TO_WORKER, BROKER_TO_SDF):
+# SdfStatus defaults to READY (first in its schema); its HEARTBEAT is explicit.
+for _schema in (CLIENT_TO_BROKER, BROKER_TO_CLIENT, WORKER_TO_BROKER, BROKER_TO_WORKER, BROKER_TO_SDF, SDF_TO_BROKER):
     for _cmd, _cls in _schema.items():
         _DEFAULT_COMMAND.setdefault(_cls, _cmd)
 
@@ -310,7 +311,7 @@ def encode(message: Any, command: Command | None = None) -> list[bytes]:
             command = _DEFAULT_COMMAND[type(message)]
         except KeyError:
             raise TypeError(f"{type(message).__name__} needs an explicit command") from None
-    body = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    body = {name: getattr(message, name) for name in _field_names(type(message))}
     return [header(command), msgpack.packb(body, use_bin_type=True)]
 
 
@@ -361,53 +362,70 @@ def from_dict(cls: type, data: dict) -> Any:
 
     Unknown keys are ignored so a newer peer may add optional fields.
     """
-    hints = _hints(cls)
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            value = data[f.name]
-            if not _type_ok(value, hints[f.name]):
-                raise ProtocolError(
-                    f"{cls.__name__}.{f.name}: expected {_type_name(hints[f.name])}, got {type(value).__name__}"
-                )
-            kwargs[f.name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+    for spec in _field_specs(cls):
+        value = data.get(spec.name, _MISSING)
+        if value is _MISSING:
+            if spec.required:
+                raise ProtocolError(f"{cls.__name__}: missing field {spec.name!r}")
+            continue
+        if not isinstance(value, spec.types) or (value.__class__ is bool and not spec.allow_bool):
+            raise ProtocolError(
+                f"{cls.__name__}.{spec.name}: expected {spec.type_name}, got {type(value).__name__}"
+            )
+        kwargs[spec.name] = value
     return cls(**kwargs)
 
 
-_HINT_CACHE: dict[type, dict[str, Any]] = {}
+_MISSING = object()
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINT_CACHE.get(cls)
-    if hints is None:
-        hints = _HINT_CACHE[cls] = typing.get_type_hints(cls)
-    return hints
+@dataclass(frozen=True)
+class _FieldSpec:
+    """A message field's check, compiled once per class (decode is on the hot path)."""
+
+    name: str
+    types: tuple  # accepted Python types, for isinstance
+    allow_bool: bool  # bool is an int subclass; only a bool field accepts it
+    required: bool
+    type_name: str
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin is Union or origin is types.UnionType:
-        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is bytes:
-        return isinstance(value, (bytes, bytearray, memoryview))
-    if origin is not None:
-        hint = origin
-    return isinstance(value, hint)
+_SPEC_CACHE: dict[type, tuple] = {}
+_NAME_CACHE: dict[type, tuple] = {}
+_ACCEPT = {
+    float: (int, float),
+    int: (int,),
+    bytes: (bytes, bytearray, memoryview),
+    type(None): (type(None),),
+}
 
 
-def _type_name(hint: Any) -> str:
-    args = typing.get_args(hint)
-    if args:
-        return " or ".join(_type_name(a) for a in args)
-    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+def _field_specs(cls: type) -> tuple:
+    specs = _SPEC_CACHE.get(cls)
+    if specs is None:
+        hints = typing.get_type_hints(cls)
+        compiled = []
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            origin = typing.get_origin(hint)
+            options = typing.get_args(hint) if origin is Union or origin is types.UnionType else (hint,)
+            accepted: tuple = ()
+            for option in options:
+                option = typing.get_origin(option) or option
+                accepted += _ACCEPT.get(option, (option,))
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+            compiled.append(_FieldSpec(f.name, accepted, bool in options, required, names))
+        specs = _SPEC_CACHE[cls] = tuple(compiled)
+    return specs
+
+
+def _field_names(cls: type) -> tuple:
+    names = _NAME_CACHE.get(cls)
+    if names is None:
+        names = _NAME_CACHE[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 # --- routing helpers ------------------------------------------------------------
