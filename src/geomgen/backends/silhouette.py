@@ -2,8 +2,9 @@
 
 A 2.5-D reconstruction: the object's outline from the alpha channel (or segmented
 from a plain background), inflated front and back by a rounded profile of its
-distance transform, one closed surface textured with the image. The outline is
-right as seen from the front; the thickness, the back and any concavity are guessed.
+distance transform into one closed surface standing on a flat footprint, textured
+with the image. The outline is right as seen from the front; the thickness, the
+back and any concavity are guessed.
 """
 
 from __future__ import annotations
@@ -276,6 +277,7 @@ def silhouette_mesh(
     mesh.apply_translation([-(low[0] + high[0]) / 2.0, -low[1], -(low[2] + high[2]) / 2.0])
     info = {
         "segmentation": method,
+        "flat_base": flat_base,
         "grid_px": [grid_w, grid_h],
         "texture_px": list(texture.size),
         "faces": len(mesh.faces),
