@@ -154,11 +154,13 @@ def test_converts_crashes_and_goes_on(broker, spawn, pid_dir, tmp_path):
     assert "signal 11" in result.error["message"] and "SIGSEGV" in result.error["message"]
     assert not alive(child_pid(pid_dir, "segfault"))
 
+    broker.jobs.send_multipart([b"not a geomgen message"])  # dropped and logged; the worker goes on
     cases = [
         (broker.push("bad_input"), "input", "bad_mesh", "no faces"),
         (broker.push("bad_convert"), "convert", "decomposition_failed", "every decomposition"),
         (broker.push("oops"), "convert", "convert_failed", "ValueError"),
         (broker.push("opts", collision="bogus"), "input", "bad_option", "collision"),
+        (broker.push("opts2", material=["wood"]), "input", "bad_option", "material"),
         (broker.push("../escape"), "input", "bad_name", "plain file name"),
         (broker.push("empty", glb=b""), "input", "bad_mesh", "no GLB"),
     ]

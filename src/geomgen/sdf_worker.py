@@ -233,6 +233,9 @@ class SdfWorker:
             except ProtocolError as exc:
                 log.warning("dropped a job message: %s", exc)
                 continue
+            if any((c.job_id, c.attempt) == (job.job_id, job.attempt) for c in self._running.values()):
+                log.warning("job %s attempt %d is already converting here; duplicate dropped", job.job_id, job.attempt)
+                continue
             try:
                 options = self._checked(job)
             except GeomgenError as exc:
@@ -254,8 +257,14 @@ class SdfWorker:
             raise InputError("the job carries no GLB bytes", code="bad_mesh")
         try:
             return ConvertOptions.from_dict(job.options).to_dict()
-        except TypeError as exc:  # a value of a type the dataclass cannot take
-            raise InputError(f"bad conversion options: {exc}", code="bad_option") from None
+        except GeomgenError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a value of a type the options cannot take
+            culprit = next((k for k, v in job.options.items() if not _options_ok({k: v})), None)
+            if culprit is None:
+                raise InputError(f"bad conversion options ({type(exc).__name__}: {exc})", code="bad_option") from None
+            raise InputError(f"conversion option {culprit!r} cannot take the value {job.options[culprit]!r}",
+                             code="bad_option") from None
 
     def _start(self, job: protocol.SdfJob, options: dict) -> None:
         job_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-sdf-{job.job_id[:16]}-"))
@@ -326,6 +335,16 @@ class SdfWorker:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _options_ok(options: dict) -> bool:
+    from geomgen.geometry.options import ConvertOptions
+
+    try:
+        ConvertOptions.from_dict(options)
+    except Exception:  # noqa: BLE001 - any failure marks the culprit
+        return False
+    return True
 
 
 def _job_of(conversion: _Conversion) -> protocol.SdfJob:
