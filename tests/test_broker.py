@@ -190,7 +190,8 @@ class FakeWorker(PeerThread):
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.url)
         if self.ready:
-            sock.send_multipart(protocol.encode(WorkerReady(self.worker_id, self.backend, "testhost", 1)))
+            sock.send_multipart(protocol.encode(WorkerReady(self.worker_id, self.backend, "testhost", 1,
+                                                                  heartbeat_interval_s=INTERVAL_S)))
         next_beat = 0.0
         while not self._halt.is_set() and not self.dead.is_set():
             if sock.poll(5):
@@ -233,7 +234,8 @@ class FakeSdf(PeerThread):
 
     def status(self, command=Command.HEARTBEAT):
         held = [list(h) for h in self.held] if self.report_held else []
-        return protocol.encode(SdfStatus(self.worker_id, self.slots, self.free(), held, "testhost", 2), command)
+        return protocol.encode(SdfStatus(self.worker_id, self.slots, self.free(), held, "testhost", 2,
+                                         heartbeat_interval_s=INTERVAL_S), command)
 
     def run(self):
         pull = self.ctx.socket(zmq.PULL)

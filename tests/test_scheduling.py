@@ -133,7 +133,11 @@ def test_registry_reports_silent_workers():
     reg = WorkerRegistry()
     reg.add(GpuWorker(b"a", "a", "mesh", last_seen=0.0))
     reg.add(GpuWorker(b"b", "b", "mesh", last_seen=0.9))
-    assert [w.worker_id for w in reg.silent(now=1.2, timeout_s=0.5)] == ["a"]
+    assert [w.worker_id for w in reg.silent(now=1.2, liveness=5, interval_s=0.1)] == ["a"]
+    # a worker that declared a longer interval than ours is judged by its own
+    reg.add(GpuWorker(b"c", "c", "mesh", last_seen=0.0, heartbeat_interval_s=1.0))
+    assert [w.worker_id for w in reg.silent(now=1.2, liveness=5, interval_s=0.1)] == ["a"]
+    assert sorted(w.worker_id for w in reg.silent(now=5.2, liveness=5, interval_s=0.1)) == ["a", "b", "c"]
 
 
 # --- SdfPool -------------------------------------------------------------------------
@@ -188,7 +192,8 @@ def test_sdf_stale_attempt_does_not_renew_and_removal_expires_held_jobs():
     pool.pushed("j", 2, now=1.0)
     pool.status("s2", slots=1, free=0, held=[["j", 1]], now=5.0)  # an old copy does not renew attempt 2
     assert pool.expired(6.0) == [("j", 2)]
-    assert pool.silent(now=100.0, timeout_s=1.0) == ["s2"]
+    assert pool.silent(now=100.0, liveness=5, interval_s=0.2) == ["s2"]
+    assert pool.silent(now=5.5, liveness=5, interval_s=0.2) == []
 
 
 # --- request checks -----------------------------------------------------------------

@@ -58,6 +58,7 @@ class Dispatcher:
         self.broker_id = broker_id
         self.address = address  # HOST:PORT clients and workers use, for error messages
         self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_liveness = heartbeat_liveness
         self.dead_after_s = heartbeat_liveness * heartbeat_interval_s
         self.max_retries = max_retries
         self.no_worker_timeout_s = no_worker_timeout_s
@@ -248,7 +249,7 @@ class Dispatcher:
             self.out.to_worker(identity, Disconnect("READY needs a backend and a worker_id", msg.worker_id))
             return
         worker = GpuWorker(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
-                           last_seen=now)
+                           last_seen=now, heartbeat_interval_s=msg.heartbeat_interval_s)
         for old in self.workers.add(worker):
             self._lose_worker(old, now, "it registered again", removed=True)
         self.registered.add(msg.backend)
@@ -357,7 +358,8 @@ class Dispatcher:
                 self.stats.dropped_messages += 1
                 log.warning("dropped an SDF status without worker_id")
                 return
-            if self.sdf.status(msg.worker_id, msg.slots, msg.free, msg.held, now, hostname=msg.hostname, pid=msg.pid):
+            if self.sdf.status(msg.worker_id, msg.slots, msg.free, msg.held, now, hostname=msg.hostname, pid=msg.pid,
+                           heartbeat_interval_s=msg.heartbeat_interval_s):
                 log.info("SDF worker %s ready: %d slots on %s (pid %d)", msg.worker_id, msg.slots, msg.hostname, msg.pid)
             self.pump_sdf(now)
         elif command is Command.FINAL:
@@ -415,10 +417,11 @@ class Dispatcher:
 
     def housekeeping(self, now: float) -> None:
         """Expire silent workers, leases and no-worker waits; heartbeat; dispatch."""
-        for worker in self.workers.silent(now, self.dead_after_s):
+        liveness, interval_s = self.heartbeat_liveness, self.heartbeat_interval_s
+        for worker in self.workers.silent(now, liveness, interval_s):
             self._lose_worker(worker, now, f"silent for {now - worker.last_seen:.2f} s")
-        for worker_id in self.sdf.silent(now, self.dead_after_s):
-            self._lose_sdf_worker(worker_id, now, f"silent for more than {self.dead_after_s:g} s")
+        for worker_id in self.sdf.silent(now, liveness, interval_s):
+            self._lose_sdf_worker(worker_id, now, f"silent for {liveness} heartbeat intervals")
         for job_id, attempt in self.sdf.expired(now):
             self._lease_expired(job_id, attempt, now)
         for job_id, pool in self.waits.due(now, self._live_workers):

@@ -166,6 +166,7 @@ class GpuWorker:
     gpu: str | None = None
     info: dict = field(default_factory=dict)
     last_seen: float = 0.0
+    heartbeat_interval_s: float = 0.0  # as the worker declared it
     job_id: str | None = None  # the job the broker gave it
     attempt: int = 0
     job_sent_at: float = 0.0
@@ -257,9 +258,11 @@ class WorkerRegistry:
         if worker.job_id is None and worker.identity in self._workers:
             self._idle.setdefault(worker.backend, {})[worker.identity] = None
 
-    def silent(self, now: float, timeout_s: float) -> list[GpuWorker]:
-        """Workers not heard from for more than ``timeout_s``."""
-        return [w for w in self._workers.values() if now - w.last_seen > timeout_s]
+    def silent(self, now: float, liveness: int, interval_s: float) -> list[GpuWorker]:
+        """Workers not heard from for ``liveness`` heartbeat intervals: theirs, or
+        ``interval_s`` if that is longer, so mismatched settings never flap."""
+        return [w for w in self._workers.values()
+                if now - w.last_seen > liveness * max(interval_s, w.heartbeat_interval_s)]
 
 
 # --- SDF pool -------------------------------------------------------------------
@@ -274,6 +277,7 @@ class SdfWorker:
     hostname: str = ""
     pid: int = 0
     last_seen: float = 0.0
+    heartbeat_interval_s: float = 0.0  # as the worker declared it
     completed: int = 0
     failed: int = 0
 
@@ -332,6 +336,7 @@ class SdfPool:
         worker.slots, worker.free, worker.last_seen = slots, free, now
         worker.hostname = about.get("hostname", worker.hostname)
         worker.pid = about.get("pid", worker.pid)
+        worker.heartbeat_interval_s = about.get("heartbeat_interval_s", worker.heartbeat_interval_s)
         worker.held = []
         for entry in held:
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
@@ -400,5 +405,7 @@ class SdfPool:
                 heapq.heappush(self._heap, (now, job_id, attempt))
         return worker
 
-    def silent(self, now: float, timeout_s: float) -> list[str]:
-        return [w.worker_id for w in self.workers.values() if now - w.last_seen > timeout_s]
+    def silent(self, now: float, liveness: int, interval_s: float) -> list[str]:
+        """Ids of SDF workers quiet for ``liveness`` of their (or our longer) intervals."""
+        return [w.worker_id for w in self.workers.values()
+                if now - w.last_seen > liveness * max(interval_s, w.heartbeat_interval_s)]
