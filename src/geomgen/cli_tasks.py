@@ -319,4 +319,4 @@ def doctor(as_json) -> None:
     from geomgen import doctor as doctor_module
 
     checks = doctor_module.collect()
-    click.echo(json.dumps(checks, indent=2, default=str) if as_json else doctor_module.render(checks))
+    click.echo(json.dumps([c._asdict() for c in checks], indent=2) if as_json else doctor_module.render(checks))
