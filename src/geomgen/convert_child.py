@@ -1,8 +1,9 @@
 """One GLB -> SDF conversion, run in a child process of the SDF worker.
 
-The worker starts :func:`run` in a fresh process per job (forked from a warm
-forkserver), so a crash or hang in native code (CoACD, V-HACD, Drake) costs
-only that job; :func:`read_outcome` turns what the child left into the reply.
+The worker checks a job with :func:`checked_options`, starts :func:`run` in a
+fresh process forked from a warm forkserver (a crash or hang in native code
+costs only that job), and turns what the child left into its reply with
+:func:`read_outcome`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ CONVERT_FN_ENV = "GEOMGEN_CONVERT_FN"  # "module:function" with convert_mesh's s
 DEFAULT_CONVERT_FN = "geomgen.geometry.convert:convert_mesh"
 RESULT_FILE = "result.msgpack"
 OUT_DIR = "out"  # under the job dir; the package lands in out/<name>/
+MAX_NAME_CHARS = 200  # longest output name accepted, characters
 PACKAGE_LIMIT_BYTES = defaults.MAX_MESSAGE_BYTES - 2**20  # leaves room for the rest of the result
 # Imported once by the forkserver so each conversion child starts warm; names
 # that are not installed are skipped by multiprocessing.
@@ -134,6 +136,38 @@ def plain(value: Any) -> Any:
 
 
 # --- the parent's side ----------------------------------------------------------
+
+
+def checked_options(name: str, glb: bytes, options: dict) -> dict:
+    """Check a job before a child is started for it: ``name`` is a plain file
+    stem, ``glb`` is not empty, ``options`` a valid ConvertOptions map (returned
+    complete). Raises InputError naming what is wrong."""
+    from geomgen.geometry.options import ConvertOptions
+
+    if not name or len(name) > MAX_NAME_CHARS or name in (".", "..") or any(c in name for c in "/\\\0"):
+        raise InputError(f"output name {name!r} is not a plain file name", code="bad_name")
+    if not glb:
+        raise InputError("the job carries no GLB bytes", code="bad_mesh")
+    try:
+        return ConvertOptions.from_dict(options).to_dict()
+    except GeomgenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value of a type the options cannot take
+        culprit = next((k for k, v in options.items() if not _options_ok({k: v})), None)
+        if culprit is None:
+            raise InputError(f"bad conversion options ({type(exc).__name__}: {exc})", code="bad_option") from None
+        raise InputError(f"conversion option {culprit!r} cannot take the value {options[culprit]!r}",
+                         code="bad_option") from None
+
+
+def _options_ok(options: dict) -> bool:
+    from geomgen.geometry.options import ConvertOptions
+
+    try:
+        ConvertOptions.from_dict(options)
+    except Exception:  # noqa: BLE001 - any failure marks the culprit
+        return False
+    return True
 
 
 def read_outcome(job_dir: Path, exitcode: int | None) -> dict:

@@ -32,7 +32,6 @@ log = logging.getLogger("geomgen.sdf_worker")
 
 KILL_WAIT_S = 5.0  # how long to wait for a killed child to be reaped
 START_CHECK_TIMEOUT_S = 120.0  # first child at start-up: forkserver launch plus warm imports
-MAX_NAME_CHARS = 200
 
 
 @dataclass
@@ -237,34 +236,12 @@ class SdfWorker:
                 log.warning("job %s attempt %d is already converting here; duplicate dropped", job.job_id, job.attempt)
                 continue
             try:
-                options = self._checked(job)
+                options = convert_child.checked_options(job.name, job.glb, job.options)
             except GeomgenError as exc:
                 self._reply(job, error=exc.to_dict())
                 continue
             self._start(job, options)
         self._send_status(protocol.Command.HEARTBEAT)
-
-    @staticmethod
-    def _checked(job: protocol.SdfJob) -> dict:
-        """The job's ConvertOptions as a validated dict; InputError otherwise."""
-        from geomgen.geometry.options import ConvertOptions
-
-        name = job.name
-        if (not name or len(name) > MAX_NAME_CHARS or name in (".", "..")
-                or any(c in name for c in "/\\\0")):
-            raise InputError(f"output name {name!r} is not a plain file name", code="bad_name")
-        if not job.glb:
-            raise InputError("the job carries no GLB bytes", code="bad_mesh")
-        try:
-            return ConvertOptions.from_dict(job.options).to_dict()
-        except GeomgenError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a value of a type the options cannot take
-            culprit = next((k for k, v in job.options.items() if not _options_ok({k: v})), None)
-            if culprit is None:
-                raise InputError(f"bad conversion options ({type(exc).__name__}: {exc})", code="bad_option") from None
-            raise InputError(f"conversion option {culprit!r} cannot take the value {job.options[culprit]!r}",
-                             code="bad_option") from None
 
     def _start(self, job: protocol.SdfJob, options: dict) -> None:
         job_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-sdf-{job.job_id[:16]}-"))
@@ -335,16 +312,6 @@ class SdfWorker:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-
-
-def _options_ok(options: dict) -> bool:
-    from geomgen.geometry.options import ConvertOptions
-
-    try:
-        ConvertOptions.from_dict(options)
-    except Exception:  # noqa: BLE001 - any failure marks the culprit
-        return False
-    return True
 
 
 def _job_of(conversion: _Conversion) -> protocol.SdfJob:
