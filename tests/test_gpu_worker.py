@@ -323,3 +323,32 @@ def test_in_process_loop_runs_to_completion(broker, endpoints):
     assert not thread.is_alive()
     _, bye = broker.expect(protocol.Command.DISCONNECT)
     assert bye.worker_id == "in-process" and bye.reason == "shutdown"
+
+
+def test_stop_abandons_a_job_past_the_grace_period(broker, endpoints):
+    """A job still running when the grace period ends is abandoned: DISCONNECT
+    goes out at once and the backend is not closed under the running job."""
+    closed = threading.Event()
+
+    class Recorded(InstantBackend):
+        def close(self) -> None:
+            closed.set()
+
+    backend = Recorded({"delay_s": "5"})
+    backend.load()
+    worker = GpuWorker(backend, "instant", endpoints, heartbeat_interval_s=HEARTBEAT_S,
+                       heartbeat_liveness=RELAXED_LIVENESS, worker_id="abandoning")
+    try:
+        worker.run_once(0.0)
+        identity, _ = broker.expect(protocol.Command.READY)
+        broker.send(identity, job("instant"))
+        wait_for(lambda: worker.run_once(0.05) or worker.busy, timeout_s=10, what="the job to start")
+        started_s = time.monotonic()
+        worker.stop(grace_s=0.3)
+        assert 0.25 <= time.monotonic() - started_s < 5 and worker.busy
+        _, progress = broker.expect(protocol.Command.PARTIAL)
+        _, bye = broker.expect(protocol.Command.DISCONNECT)
+        assert bye.worker_id == "abandoning"
+    finally:
+        worker.close()
+    assert not closed.is_set()

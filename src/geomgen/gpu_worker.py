@@ -257,7 +257,9 @@ class GpuWorker:
             self._refuse(job, Stage.TRANSPORT, "busy",
                          f"worker {self.worker_id} is busy with job {self._job.job_id}; send it elsewhere")
             return
-        thread = threading.Thread(target=gpu_job.run_job, args=(self.backend, self.backend_name, job, self._channel), name=f"job-{job.job_id}", daemon=True)
+        # A daemon thread: a job abandoned at shutdown must not keep the process alive.
+        thread = threading.Thread(target=gpu_job.run_job, args=(self.backend, self.backend_name, job, self._channel),
+                                  name=f"job-{job.job_id}", daemon=True)
         self._job = _RunningJob(job.job_id, job.attempt, thread, time.monotonic())
         log.info("job %s attempt %d started (%s, %d bytes)", job.job_id, job.attempt, job.input_name,
                  len(job.input_data))
