@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from geomgen import GeometryClient, GeometryRequest, protocol
+from geomgen import GeometryClient, GeometryRequest, defaults, protocol
 from geomgen.client import FINAL
 from geomgen.errors import GenerateError, InputError, TransportError
 from geomgen.protocol import Command
@@ -35,6 +35,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (root / "empty.png").write_bytes(b"")
     (root / "notes.txt").write_text("neither an image nor a mesh\n")
     (root / "a_file").write_text("a file where a folder should be\n")
+    with open(root / "huge.png", "wb") as huge:  # sparse: its size is read, its bytes never are
+        huge.truncate(defaults.MAX_INPUT_BYTES + 1)
     return {p.name: p for p in root.iterdir()}
 
 
@@ -129,6 +131,8 @@ def test_client_side_errors_are_per_item_and_never_sent(fake_broker, inputs, tmp
         GeometryRequest(image_path=inputs["box.glb"], output_dir=out, mass_kg=-1.0),
         GeometryRequest(image_path=inputs["box.glb"], output_dir=out, backend="silhouette"),
         GeometryRequest(image_path=inputs["box.glb"], output_dir=out, output_filename="good", mass_kg=3.0),
+        GeometryRequest(image_path=inputs["huge.png"], output_dir=out),
+        GeometryRequest(image_path=tmp_path, output_dir=out),
     ]
     with GeometryClient(broker.address, timeout_s=10) as client:
         results = dict(client.generate(requests))
@@ -142,6 +146,8 @@ def test_client_side_errors_are_per_item_and_never_sent(fake_broker, inputs, tmp
         4: ("input", "bad_output_filename"),
         5: ("input", "bad_option"),
         6: ("input", "wrong_input_kind"),
+        8: ("input", "too_large"),
+        9: ("input", "unreadable"),
     }
     assert "missing.png" in results[0].error and "mass_kg" in results[5].error
     good = results[7]
