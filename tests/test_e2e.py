@@ -97,9 +97,9 @@ def test_cpu_backends_end_to_end(stack, tmp_path):
         assert result.ok, f"item {index}: {result.stage}/{result.error_code}: {result.error}"
         assert Path(result.glb_path).is_file() and Path(result.glb_path).stat().st_size > 0
         report = validate_sdf(Path(result.sdf_path))
-        assert report["mass"] > 0
+        assert report["mass_kg"] > 0
     assert results[0].backend == "silhouette" and results[1].backend == "mesh"
-    assert validate_sdf(Path(results[0].sdf_path))["mass"] == pytest.approx(2.0)
+    assert validate_sdf(Path(results[0].sdf_path))["mass_kg"] == pytest.approx(2.0)
 
 
 def test_batch_with_bad_items_keeps_going(stack, tmp_path):
