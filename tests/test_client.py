@@ -133,6 +133,8 @@ def test_client_side_errors_are_per_item_and_never_sent(fake_broker, inputs, tmp
         GeometryRequest(image_path=inputs["box.glb"], output_dir=out, output_filename="good", mass_kg=3.0),
         GeometryRequest(image_path=inputs["huge.png"], output_dir=out),
         GeometryRequest(image_path=tmp_path, output_dir=out),
+        GeometryRequest(image_path=inputs["chair.png"], output_dir=out, output_filename="good.glb",
+                        backend="silhouette"),
     ]
     with GeometryClient(broker.address, timeout_s=10) as client:
         results = dict(client.generate(requests))
@@ -148,6 +150,7 @@ def test_client_side_errors_are_per_item_and_never_sent(fake_broker, inputs, tmp
         6: ("input", "wrong_input_kind"),
         8: ("input", "too_large"),
         9: ("input", "unreadable"),
+        10: ("input", "duplicate_output"),
     }
     assert "missing.png" in results[0].error and "mass_kg" in results[5].error
     good = results[7]

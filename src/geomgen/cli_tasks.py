@@ -166,7 +166,8 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
         else:
             progress.print(_line(result, inputs[result.index]))
 
-    with broker_address(endpoints, backends, backend_options, sdf_workers, timeout_s=300.0) as address:
+    with broker_address(endpoints, backends, backend_options, 0 if no_sdf else sdf_workers,
+                        timeout_s=300.0) as address:
         results = run_batch(address, requests, timeout_s, report)
     failed = sum(not r.ok for r in results)
     used = sorted({r.backend for r in results if r.ok and r.backend})

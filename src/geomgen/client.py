@@ -84,6 +84,7 @@ class GeometryClient:
         self._inbox: collections.deque = collections.deque()  # messages read by health() for generate()
         self._auto_backend: str | GeomgenError | None = None  # backend=auto for images, per generate() call
         self._input_kinds: dict[str, str | None] = {}  # backend -> input kind; reading the registry costs ms
+        self._claimed: dict[tuple[Path, str], int] = {}  # (output folder, stem) -> index, per generate() call
         self._connect()
 
     # --- connection -------------------------------------------------------------
@@ -194,6 +195,7 @@ class GeometryClient:
         call_id = uuid.uuid4().hex[:8]
         self._auto_backend = None
         self._input_kinds = {}
+        self._claimed = {}
         outstanding: dict[str, _Item] = {}
         finished: set[str] = set()
         next_index = 0
@@ -314,6 +316,10 @@ class GeometryClient:
     def _prepare(self, index: int, request: GeometryRequest, request_id: str) -> _Item:
         """Check one request and build its REQUEST frames; raises InputError or TransportError."""
         checked = check_request(index, request)
+        target = (checked.output_dir.resolve(), checked.stem)
+        if target in self._claimed:
+            raise InputError(f"item {self._claimed[target]} of this batch already writes {checked.stem!r} into "
+                             f"{checked.output_dir}; give this one another output_filename", code="duplicate_output")
         backend = self._choose_backend(request.backend, checked.kind, checked.path)
         timeout_s = request.no_worker_timeout_s
         message = protocol.ClientRequest(
@@ -323,6 +329,7 @@ class GeometryClient:
             convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
             no_worker_timeout_s=None if timeout_s is None else float(timeout_s),
         )
+        self._claimed[target] = index
         return _Item(index, request, request_id, checked.output_dir, checked.stem, backend,
                      protocol.encode(message))
 
