@@ -133,7 +133,9 @@ class Dispatcher:
     def _event(self, job: JobRecord, kind: EventKind, *, attempt: int | None = None, detail: str = "",
                glb: bytes | None = None, timings: dict | None = None, worker: str = "") -> None:
         attempt = attempt if attempt is not None else max(1, job.attempt)
-        log.info("job %s request %s: %s (attempt %d) %s", job.job_id, job.request.request_id, kind.value, attempt, detail)
+        # DEBUG: at thousands of jobs a second, a log record per event costs more than the event.
+        log.debug("job %s request %s: %s (attempt %d) %s", job.job_id, job.request.request_id, kind.value, attempt,
+                  detail)
         self.out.to_client(job.client, Event(job.request.request_id, kind.value, attempt, detail, glb,
                                              timings or {}, worker))
 
