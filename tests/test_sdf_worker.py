@@ -48,18 +48,29 @@ class FakeBroker:
     def __init__(self, ctx: zmq.Context, endpoints: Endpoints):
         self.jobs = ctx.socket(zmq.PUSH)
         self.jobs.setsockopt(zmq.LINGER, 0)
-        self.jobs.setsockopt(zmq.SNDHWM, 100)  # over-push on purpose: the worker must pace itself
+        self.jobs.setsockopt(zmq.SNDHWM, 100)  # over-push on purpose: the worker must hand back what it cannot hold
         self.jobs.bind(endpoints.sdf_job)
         self.results = ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
         self.results.bind(endpoints.sdf_result)
         self.statuses: list[protocol.SdfStatus] = []
+        self.bounced: list[protocol.SdfJob] = []  # handed back "busy", re-pushed when a slot frees
+        self.bounces = 0
+        self._pushed: dict[str, protocol.SdfJob] = {}
+        self._early: dict[str, protocol.SdfResult] = {}
 
     def push(self, name: str, glb: bytes | None = None, **options) -> protocol.SdfJob:
         job = protocol.SdfJob(job_id=uuid.uuid4().hex[:10], attempt=1, name=name,
                               glb=box_glb() if glb is None else glb, options=options or dict(HULL))
+        self._pushed[job.job_id] = job
         self.jobs.send_multipart(protocol.encode(job), flags=zmq.NOBLOCK)
         return job
+
+    def _repush(self, free: int) -> None:
+        # what the real broker's credit does: push again only when a slot is free
+        while self.bounced and free > 0:
+            self.jobs.send_multipart(protocol.encode(self.bounced.pop(0)), flags=zmq.NOBLOCK)
+            free -= 1
 
     def recv(self, timeout_s: float = 30.0, statuses: bool = False):
         """Next (command, message); status heartbeats are recorded in
@@ -70,16 +81,25 @@ class FakeBroker:
             if remaining_s <= 0 or not self.results.poll(remaining_s * 1000):
                 raise AssertionError(f"no message from the SDF worker within {timeout_s} s")
             command, message = protocol.decode(self.results.recv_multipart(), protocol.SDF_TO_BROKER)
+            if command is protocol.Command.FINAL and not message.ok and message.error["code"] == "busy":
+                self.bounces += 1
+                self.bounced.append(self._pushed[message.job_id])
+                continue
             if command is protocol.Command.HEARTBEAT:
                 self.statuses.append(message)
+                self._repush(message.free)
                 if not statuses:
                     continue
             return command, message
 
     def result(self, job: protocol.SdfJob, timeout_s: float = 60.0) -> protocol.SdfResult:
-        command, message = self.recv(timeout_s)
-        assert command is protocol.Command.FINAL, f"expected FINAL, got {command.name}: {message}"
-        assert (message.job_id, message.attempt) == (job.job_id, job.attempt)
+        """The FINAL of ``job``; FINALs of other jobs that come first are kept for later."""
+        while job.job_id not in self._early:
+            command, message = self.recv(timeout_s)
+            assert command is protocol.Command.FINAL, f"expected FINAL, got {command.name}: {message}"
+            self._early[message.job_id] = message
+        message = self._early.pop(job.job_id)
+        assert message.attempt == job.attempt
         return message
 
     def close(self) -> None:
@@ -202,8 +222,9 @@ def test_timeout_then_sigterm_kill_the_children(broker, spawn, pid_dir):
 
 def test_takes_only_as_many_jobs_as_slots(broker, endpoints, pid_dir, monkeypatch):
     """In process: run(stop_event) with 2 slots and 5 jobs pushed at once.
-    Every status says held <= 2 and free = slots - held; a slot taken or freed
-    is announced at once (the periodic heartbeat is 30 s away)."""
+    Every status says held <= 2 and free = slots - held; jobs beyond the slots
+    are handed back "busy" (the fake broker re-pushes them when a slot frees);
+    a slot taken or freed is announced at once (the periodic heartbeat is 30 s away)."""
     for key, value in worker_env(pid_dir).items():
         monkeypatch.setenv(key, value)
     worker = SdfWorker(endpoints, procs=2, heartbeat_interval_s=30.0, convert_timeout_s=60.0, worker_id="flow")
@@ -230,6 +251,7 @@ def test_takes_only_as_many_jobs_as_slots(broker, endpoints, pid_dir, monkeypatc
             assert not any(job_id in finals for job_id, _ in message.held)
         assert set(finals) == {job.job_id for job in jobs}
         assert worker.max_held == 2 and (message.free, message.held) == (2, [])
+        assert broker.bounces >= 3  # five pushed at once at two slots: three came back "busy"
         # taken slots were announced at once too: two jobs held within moments of the push
         assert broker.statuses[0].held and len(broker.statuses[0].held) <= 2
     finally:

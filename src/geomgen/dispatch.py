@@ -371,15 +371,24 @@ class Dispatcher:
 
     def _sdf_result(self, res: SdfResult, now: float) -> None:
         worker = self.sdf.workers.get(res.worker_id)
+        bounced = not res.ok and (res.error or {}).get("code") == "busy"
         if worker is not None:
             worker.last_seen = now
             worker.completed += res.ok
-            worker.failed += not res.ok
+            worker.failed += not res.ok and not bounced
         current = self.sdf.finished(res.job_id, res.attempt)
         job = self.jobs.get(res.job_id)
         if not current or job is None or job.state is not JobState.CONVERTING or job.sdf_attempt != res.attempt:
             self.stats.stale_results += 1
             log.info("discarded SDF result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt)
+            return
+        if bounced:
+            # PUSH picked a worker with no free slot (it cannot know which one has
+            # credit): the job comes straight back, uncounted, for the next worker.
+            log.debug("SDF worker %s had no free slot for job %s; pushing it again", res.worker_id, res.job_id)
+            job.waiting_in = SDF_POOL
+            self.sdf.waiting.appendleft(job.job_id)
+            self.pump_sdf(now)
             return
         job.convert_s, job.worker_convert_s = now - job.sdf_pushed_at, res.seconds
         self.stats.convert.add(job.convert_s)

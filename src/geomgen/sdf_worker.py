@@ -45,7 +45,7 @@ class _Conversion:
 
 
 class SdfWorker:
-    """PULLs SdfJobs (only while a slot is free), converts each in a child
+    """PULLs SdfJobs (handing back, as "busy", any that arrive with no free slot), converts each in a child
     process, PUSHes SdfResults and SdfStatus heartbeats to the broker.
 
     Drive it with ``run(stop_event)`` or ``run_once(timeout_s)``; ``stop()``
@@ -138,8 +138,10 @@ class SdfWorker:
             self._announced = True
         now_s = time.monotonic()
         poller = zmq.Poller()
-        if self.free > 0:
-            poller.register(self._jobs, zmq.POLLIN)
+        # Read jobs even when full: PUSH cannot tell which worker has the free
+        # slot, so a job that lands here while all slots are taken goes straight
+        # back ("busy") instead of waiting in this socket behind a long conversion.
+        poller.register(self._jobs, zmq.POLLIN)
         for fd in self._running:
             poller.register(fd, zmq.POLLIN)
         deadlines = [c.started_s + self.convert_timeout_s for c in self._running.values()]
@@ -222,7 +224,7 @@ class SdfWorker:
         self._send(protocol.encode(result, protocol.Command.FINAL))
 
     def _take_jobs(self) -> None:
-        while self.free > 0:
+        while True:
             try:
                 frames = self._jobs.recv_multipart(flags=zmq.NOBLOCK, copy=True)
             except zmq.Again:
@@ -231,6 +233,9 @@ class SdfWorker:
                 _, job = protocol.decode(frames, protocol.BROKER_TO_SDF)
             except ProtocolError as exc:
                 log.warning("dropped a job message: %s", exc)
+                continue
+            if self.free <= 0:
+                self._bounce(job)
                 continue
             if any((c.job_id, c.attempt) == (job.job_id, job.attempt) for c in self._running.values()):
                 log.warning("job %s attempt %d is already converting here; duplicate dropped", job.job_id, job.attempt)
@@ -242,6 +247,14 @@ class SdfWorker:
                 continue
             self._start(job, options)
         self._send_status(protocol.Command.HEARTBEAT)
+
+    def _bounce(self, job: protocol.SdfJob) -> None:
+        """Hand back a job that arrived with every slot taken (not a failure)."""
+        log.debug("no free slot for job %s attempt %d; handed back", job.job_id, job.attempt)
+        busy = protocol.error_dict(Stage.CONVERT, "busy", "no free conversion slot on this SDF worker")
+        self._send(protocol.encode(protocol.SdfResult(
+            worker_id=self.worker_id, job_id=job.job_id, attempt=job.attempt, ok=False, error=busy),
+            protocol.Command.FINAL))
 
     def _start(self, job: protocol.SdfJob, options: dict) -> None:
         job_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-sdf-{job.job_id[:16]}-"))
