@@ -635,6 +635,25 @@ def test_killed_sdf_worker_job_goes_to_another(start_broker, peers):
     assert results["r1"].ok and results["r1"].attempts == 2
 
 
+def test_sdf_job_handed_back_busy_is_pushed_again_uncounted(start_broker, peers):
+    """PUSH may hand a job to a worker whose slots are all taken; it answers
+    "busy" and the broker pushes the same attempt again, to whoever is next."""
+    start_broker()
+    worker, sdf, client = peers.worker(), peers.sdf(slots=1), peers.client()
+    client.request("r1")
+    worker.reply(worker.take())
+    first = sdf.take()
+    busy = {"stage": "convert", "code": "busy", "message": "no free conversion slot on this SDF worker"}
+    sdf.reply(first, ok=False, error=busy)
+    again = sdf.take(timeout_s=5)
+    assert (again.job_id, again.attempt) == (first.job_id, first.attempt)
+    sdf.reply(again)
+    events, result = client.final("r1")
+    assert result.ok and result.attempts == 1
+    assert "retrying" not in kinds(events)
+    assert client.health()["failed"] == 0
+
+
 def test_sdf_error_is_forwarded(start_broker, peers):
     start_broker()
     worker, sdf, client = peers.worker(), peers.sdf(), peers.client()

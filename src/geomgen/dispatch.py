@@ -386,7 +386,7 @@ class Dispatcher:
             # PUSH picked a worker with no free slot (it cannot know which one has
             # credit): the job comes straight back, uncounted, for the next worker.
             log.debug("SDF worker %s had no free slot for job %s; pushing it again", res.worker_id, res.job_id)
-            job.waiting_in = SDF_POOL
+            job.waiting_in, job.sdf_attempt = SDF_POOL, job.sdf_attempt - 1  # not an attempt: push it as the same one
             self.sdf.waiting.appendleft(job.job_id)
             self.pump_sdf(now)
             return
