@@ -176,6 +176,16 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
     sys.exit(EXIT_FAILED_ITEMS if failed else 0)
 
 
+# Images carry no scale: the demo gives each sample its real height (m) and a material.
+DEMO_SAMPLES = {
+    "mug.png": (0.10, "ceramic"),
+    "vase.png": (0.35, "ceramic"),
+    "chair.png": (0.90, "wood"),
+    "lamp.png": (0.55, "plastic"),
+    "table.glb": (None, "wood"),
+}
+
+
 @click.command()
 @click.option("--out", "out_dir", default=Path("geomgen-demo"), show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
@@ -195,7 +205,12 @@ def demo(out_dir, collision, sdf_workers) -> None:
     inputs = sorted(p for p in SAMPLES.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES + MESH_SUFFIXES)
     if not inputs:
         raise click.ClickException(f"no sample inputs in {SAMPLES}; reinstall geomgen")
-    requests = [GeometryRequest(image_path=p, output_dir=out_dir, collision=collision) for p in inputs]
+    requests = []
+    for path in inputs:
+        height_m, material = DEMO_SAMPLES.get(path.name, (None, None))
+        options = {"height_m": str(height_m)} if height_m and path.suffix.lower() in IMAGE_SUFFIXES else {}
+        requests.append(GeometryRequest(image_path=path, output_dir=out_dir, collision=collision,
+                                        backend_options=options, material=material))
     with broker_address(None, choose_backends(inputs, "auto"), {}, sdf_workers, timeout_s=300.0) as address:
         results = run_batch(address, requests, defaults.CLIENT_TIMEOUT_S, lambda r, p: None)
     header = f"{'input':<14} {'backend':<11} {'status':<7} {'pieces':>6} {'mass kg':>8} {'seconds':>8}  sdf"
