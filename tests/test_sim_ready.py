@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trimesh
 
-from geomgen.geometry.drake_check import collision_iou, drop_test, validate_sdf
+from geomgen.geometry.drake_check import PRECISE_IOU_CELLS, collision_iou, drop_test, validate_sdf
 from geomgen.geometry.options import ConvertOptions
 from tests.conftest import SHARED_DATA
 from tests.shapes import SHAPES, shape_glb
@@ -49,7 +49,8 @@ def convert_and_judge(data: bytes, name: str, out_dir: Path) -> dict:
         "pieces": len(list(package.glob(f"{name}_collision_*.obj"))),
         "tilt_deg": drop.tilt_deg,
         "speed_m_s": drop.speed_m_s,
-        "iou": collision_iou(sdf),
+        # 256 cells: coarser grids misjudge thin boards by up to 0.1 (drake_check.collision_iou).
+        "iou": collision_iou(sdf, cells=PRECISE_IOU_CELLS),
     }
 
 
