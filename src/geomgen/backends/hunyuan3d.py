@@ -216,8 +216,8 @@ class Hunyuan3DBackend(Backend):
     def generate(self, job: GenerationInput) -> GenerationOutput:
         """Image bytes -> GLB bytes (+Y up, resting on y = 0, centred in x/z).
 
-        The model's unit box ([-1, 1]^3) is taken as metres: objects come out about
-        1.7 m across; the request's conversion options set their real size.
+        The model's box ([-1.01, 1.01]^3) is taken as metres: objects come out up
+        to about 2 m across; the request's conversion options set their real size.
         Raises InputError for an unusable image or option, GenerateError for a
         failure of the method (CUDA out of memory included; the worker stays usable).
         """
