@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
+import tempfile
 from typing import Any, Callable
 
 from geomgen.errors import ConvertError
@@ -19,6 +21,7 @@ from geomgen.errors import ConvertError
 # first call, and safe beside the threads of a ZeroMQ process (fork is not).
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 EXIT_GRACE_S = 5.0  # how long a child that has sent its result may take to exit
+LOG_TAIL_CHARS = 300  # of a crashed child's output, quoted in the failure
 
 
 class ChildFailed(Exception):
@@ -43,13 +46,17 @@ def run_in_child(func: Callable[..., Any], args: tuple, timeout_s: float) -> Any
     if START_METHOD == "forkserver":
         # Keep the server from importing the caller's __main__ (a CLI or a test runner).
         ctx.set_forkserver_preload([__name__])
+    # Native code reports fatal errors on stderr just before aborting; keep them for the message.
+    log_fd, log_path = tempfile.mkstemp(prefix="geomgen-child-", suffix=".log")
+    os.close(log_fd)
     receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child_main, args=(sender, func, args), name="geomgen-child", daemon=True)
+    proc = ctx.Process(target=_child_main, args=(sender, log_path, func, args), name="geomgen-child", daemon=True)
     try:
         proc.start()
     except Exception as exc:
         receiver.close()
         sender.close()
+        os.unlink(log_path)
         raise ChildFailed(f"could not start a child process ({type(exc).__name__}: {exc})") from None
     sender.close()  # so that a dead child reads as end-of-file here
     answered = False
@@ -61,7 +68,8 @@ def run_in_child(func: Callable[..., Any], args: tuple, timeout_s: float) -> Any
             status, payload = receiver.recv()
         except (EOFError, OSError):
             proc.join(EXIT_GRACE_S)
-            raise ChildFailed(f"crashed ({_describe_exit(proc.exitcode)})") from None
+            said = _tail(log_path)
+            raise ChildFailed(f"crashed ({_describe_exit(proc.exitcode)})" + (f": {said}" if said else "")) from None
         answered = True
         if status != "ok":
             raise ChildFailed(f"raised {payload}")
@@ -74,6 +82,19 @@ def run_in_child(func: Callable[..., Any], args: tuple, timeout_s: float) -> Any
         proc.join()
         receiver.close()
         proc.close()
+        os.unlink(log_path)
+
+
+def _tail(path: str) -> str:
+    """The last lines a child wrote, on one line."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - LOG_TAIL_CHARS))
+            text = log.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return " ".join(text.split())
 
 
 def _describe_exit(code: int | None) -> str:
@@ -87,8 +108,12 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _child_main(sender, func: Callable[..., Any], args: tuple) -> None:
+def _child_main(sender, log_path: str, func: Callable[..., Any], args: tuple) -> None:
     _die_with_parent()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
     try:
         result = func(*args)
     except BaseException as exc:  # the parent reports it; nothing here may escape silently
@@ -105,7 +130,6 @@ def _die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import os
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -30,7 +30,7 @@ from geomgen.geometry.inertia import check_not_flat, mass_properties
 from geomgen.geometry.options import ConvertOptions
 from geomgen.geometry.repair import make_solid, scene_triangles
 from geomgen.geometry.sdf import SDF_VERSION, sdf_text, write_obj
-from geomgen.geometry.visual import write_visual
+from geomgen.geometry.visual import pack_gltf, write_visual
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
@@ -105,8 +105,6 @@ def convert_file(path: Path, out_dir: Path, options: ConvertOptions | None = Non
 
     A .gltf may reference buffers and images beside it. Errors as convert_mesh.
     """
-    from geomgen.geometry.meshio import export_glb, load_mesh_file
-
     path = Path(path)
     if name is None:
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._-")[:128] or "model"
@@ -117,13 +115,9 @@ def convert_file(path: Path, out_dir: Path, options: ConvertOptions | None = Non
     sources = [{"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}]
     if path.suffix.lower() != ".gltf":
         return _convert(data, path.name, Path(out_dir), name, options, sources)
-    # A .gltf's buffers and textures live beside it: load from disk, continue as one GLB.
-    scene = load_mesh_file(path)
+    # A .gltf's buffers and textures live beside it: pack them, byte for byte, into one GLB.
+    glb = pack_gltf(data, path.parent)
     sources += _gltf_resources(data, path.parent)
-    try:
-        glb = export_glb(scene)
-    except GeomgenError as exc:
-        raise ConvertError(f"{path.name}: {exc.message}", code="bad_visual") from None
     return _convert(glb, path.stem + ".glb", Path(out_dir), name, options, sources)
 
 

@@ -44,6 +44,9 @@ COACD_DEFAULTS: dict[str, Any] = {
     "seed": 0,  # random seed of the tree search
 }
 _COACD_CHOICES = {"preprocess_mode": ("auto", "on", "off")}
+# Values that make CoACD search forever are refused up front; values it rejects
+# itself abort its child at once, and the ladder reports CoACD's message.
+_POSITIVE = {"threshold", "resolution", "max_convex_hulls", "max_recursion_depth", "max_num_vertices_per_ch", "min_volume_percent_error"}
 
 VHACD_DEFAULTS: dict[str, Any] = {
     "max_convex_hulls": 32,  # cap on pieces
@@ -88,6 +91,8 @@ def method_params(method: str, params: dict | None) -> dict[str, Any]:
                 f"unknown collision parameter {key!r} for {method}; its parameters are: {known}", code="bad_option"
             )
         merged[key] = _typed(method, key, value, defaults[key])
+        if key in _POSITIVE and merged[key] <= 0:
+            raise InputError(f"collision parameter {key} ({method}) must be > 0, got {value!r}", code="bad_option")
     return merged
 
 
@@ -214,12 +219,15 @@ def clean_pieces(raw: list) -> list[tuple[np.ndarray, np.ndarray]]:
         points = np.asarray(item[0], dtype=float).reshape(-1, 3)
         if len(points) < 4 or not np.isfinite(points).all():
             continue
-        try:
-            hull = trimesh.convex.convex_hull(points)
-        except Exception:  # qhull refuses flat or collinear point sets
-            continue
+        # A flat piece's centroid divides by zero inside trimesh; it is dropped below anyway.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            try:
+                hull = trimesh.convex.convex_hull(points)
+            except Exception:  # qhull refuses flat or collinear point sets
+                continue
+            volume = float(hull.volume)
         extents = hull.extents
-        if len(hull.faces) < 4 or hull.volume <= 1e-9 * float(np.prod(extents)) or extents.min() <= 0:
+        if len(hull.faces) < 4 or not volume > 1e-9 * float(np.prod(extents)) or extents.min() <= 0:
             continue
         pieces.append((np.asarray(hull.vertices, dtype=float), np.asarray(hull.faces, dtype=np.int64)))
     return pieces
@@ -249,9 +257,11 @@ def _vhacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list
     """V-HACD's pieces (vhacdx); runs in the child process."""
     import vhacdx
 
+    # vhacdx takes faces in VTK's polydata layout: a flat [3, a, b, c, 3, ...].
+    polys = np.column_stack([np.full(len(faces), 3), faces]).ravel().astype(np.uint32)
     hulls = vhacdx.compute_vhacd(
         vertices,
-        faces.astype(np.uint32),
+        polys,
         maxConvexHulls=params["max_convex_hulls"],
         resolution=params["resolution"],
         minimumVolumePercentErrorAllowed=params["min_volume_percent_error"],

@@ -83,15 +83,17 @@ def make_solid(vertices: np.ndarray, faces: np.ndarray, remove_floaters: bool = 
     mesh.merge_vertices()
     before = len(mesh.faces)
     mesh.update_faces(mesh.nondegenerate_faces())
-    mesh.update_faces(mesh.unique_faces())
     mesh.remove_unreferenced_vertices()
     if len(mesh.faces) == 0:
         raise InputError("every triangle of the mesh is degenerate (zero area)", code="bad_mesh")
-    if len(mesh.faces) < before:
-        warnings.append(f"dropped {before - len(mesh.faces)} degenerate or duplicate triangle(s)")
     # Winding first: a piece's enclosed volume is only meaningful once it is consistent.
     trimesh.repair.fix_normals(mesh, multibody=True)
+    # Before de-duplication, which would open a double-sided sheet and with it the whole solid.
     warnings += _drop_components(mesh, remove_floaters)
+    mesh.update_faces(mesh.unique_faces())
+    mesh.remove_unreferenced_vertices()
+    if len(mesh.faces) < before:
+        warnings.append(f"dropped {before - len(mesh.faces)} degenerate or duplicate triangle(s)")
     return Solid(
         vertices=np.asarray(mesh.vertices, dtype=float),
         faces=np.asarray(mesh.faces, dtype=np.int64),
@@ -136,10 +138,12 @@ def _drop_components(mesh: "trimesh.Trimesh", remove_floaters: bool) -> list[str
 
 def _flat_closed(mesh: "trimesh.Trimesh", labels: np.ndarray, count: int) -> np.ndarray:
     """(count,) bool: connected pieces that are closed yet enclose (almost) no volume."""
-    edges = mesh.edges_sorted
-    _, inverse, uses = np.unique(edges, axis=0, return_inverse=True, return_counts=True)
+    # Edges counted per piece: a piece is closed when each of its edges bounds two of its faces.
+    edge_piece = labels[mesh.edges_face]
+    keyed = np.column_stack([edge_piece, mesh.edges_sorted])
+    _, inverse, uses = np.unique(keyed, axis=0, return_inverse=True, return_counts=True)
     open_piece = np.zeros(count, dtype=bool)
-    open_piece[labels[mesh.edges_face[uses[inverse.reshape(-1)] != 2]]] = True
+    open_piece[edge_piece[uses[inverse.reshape(-1)] != 2]] = True
     tri = mesh.triangles - mesh.bounds.mean(axis=0)
     six_v = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2]))
     volumes = np.abs(np.bincount(labels, weights=six_v, minlength=count)) / 6.0

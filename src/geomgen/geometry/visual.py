@@ -28,6 +28,7 @@ _IMAGE_SUFFIXES = {
     "image/webp": ".webp",
     "image/ktx2": ".ktx2",
 }
+_MIME_OF_SUFFIX = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp", ".ktx2": "image/ktx2"}
 
 
 def split_glb(glb: bytes) -> tuple[dict, bytes]:
@@ -109,6 +110,67 @@ def write_visual(glb: bytes, out_dir: Path, name: str, transform: np.ndarray | N
         _add_root(tree, transform)
     written[0].write_text(json.dumps(tree, separators=(",", ":")))
     return written
+
+
+def pack_gltf(gltf: bytes, folder: Path) -> bytes:
+    """A self-contained GLB from a .gltf file's bytes and the ``folder`` holding the
+    buffers and images it references (files or data: URIs), copied byte for byte.
+    Raises InputError ``bad_mesh`` for invalid JSON or a missing file."""
+    try:
+        tree = json.loads(gltf.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"the glTF JSON is not valid ({exc})", code="bad_mesh") from None
+    if not isinstance(tree, dict):
+        raise InputError("the glTF JSON is not an object", code="bad_mesh")
+    buffers = [_resource(entry.get("uri"), folder, f"buffer {i}")[0] for i, entry in enumerate(tree.get("buffers") or [])]
+    packed = bytearray()
+
+    def append(chunk: bytes) -> int:
+        packed.extend(b"\0" * (-len(packed) % 4))
+        offset = len(packed)
+        packed.extend(chunk)
+        return offset
+
+    views = tree.get("bufferViews") or []
+    for view in views:
+        start = int(view.get("byteOffset", 0))
+        chunk = buffers[int(view["buffer"])][start : start + int(view["byteLength"])]
+        view.update(buffer=0, byteOffset=append(chunk))
+    for index, image in enumerate(tree.get("images") or []):
+        if "uri" not in image:
+            continue
+        data, mime = _resource(image.pop("uri"), folder, f"image {index}")
+        views.append({"buffer": 0, "byteOffset": append(data), "byteLength": len(data)})
+        image["bufferView"] = len(views) - 1
+        image["mimeType"] = image.get("mimeType") or mime or _MIME_OF_SUFFIX.get(_sniff_suffix(data), "image/png")
+    if views:
+        tree["bufferViews"] = views
+    tree["buffers"] = [{"byteLength": len(packed)}] if packed else []
+    if not tree["buffers"]:
+        tree.pop("buffers")
+    text = json.dumps(tree, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 4)
+    binary = bytes(packed) + b"\0" * (-len(packed) % 4)
+    body = struct.pack("<II", len(text), _CHUNK_JSON) + text
+    if binary:
+        body += struct.pack("<II", len(binary), _CHUNK_BIN) + binary
+    return struct.pack("<4sII", _GLB_MAGIC, 2, 12 + len(body)) + body
+
+
+def _resource(uri: object, folder: Path, what: str) -> tuple[bytes, str | None]:
+    """Bytes (and media type, if known) of a glTF buffer or image URI: data: or a file in ``folder``."""
+    from urllib.parse import unquote
+
+    if not isinstance(uri, str):
+        raise InputError(f"the glTF's {what} has no uri", code="bad_mesh")
+    if uri.startswith("data:"):
+        return _data_uri(uri, what)
+    path = Path(folder) / unquote(uri)
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise InputError(f"the glTF's {what} references {uri!r}, which is not in {folder}", code="bad_mesh") from None
+    return data, _MIME_OF_SUFFIX.get(path.suffix.lower())
 
 
 def _buffer_bytes(entry: dict, index: int, binary: bytes) -> bytes:
