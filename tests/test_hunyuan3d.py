@@ -9,7 +9,6 @@ what this machine cannot have.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import io
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
-import numpy as np
-
+from geomgen.backends._hy3d_mesh import alpha_coverage, clean_mesh, export_glb_bytes, png_bytes
 from geomgen.backends._hy3d_options import Hy3dOptions, merge_request_options, parse_worker_options
 from geomgen.backends._hy3d_weights import (
     find_paint_weights,
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'geomgen[hunyuan3d]' (see .ci/install-hunyuan3d.sh for a tested set of versions)"
-CUTOUT_MIN_TRANSPARENT = 0.01  # share of see-through pixels (alpha < 128) that makes the alpha channel a cut-out
 SHAPE_GPU_GB = 6.0  # published figure: shape generation
 TEXTURED_GPU_GB = 24.5  # published figure: shape + texture in total
 
@@ -102,7 +100,7 @@ class Hunyuan3DBackend(Backend):
         dtype_name = self.settings.dtype
         if dtype_name == "auto":
             dtype_name = "float32" if device == "cpu" else "float16"
-        self.settings = _replace(self.settings, device=device, dtype=dtype_name)
+        self.settings = replace(self.settings, device=device, dtype=dtype_name)
         dtype = getattr(torch, dtype_name)
 
         weights = find_weights(self.settings.model, self.settings.subfolder)
@@ -243,7 +241,7 @@ class Hunyuan3DBackend(Backend):
 
         job.progress(f"cleaning the mesh (at most {settings.max_faces} faces)")
         step_s = time.monotonic()
-        mesh = _clean_mesh(mesh, settings.max_faces)
+        mesh = clean_mesh(mesh, settings.max_faces)
         seconds["cleanup_s"] = time.monotonic() - step_s
 
         if paint:
@@ -254,7 +252,7 @@ class Hunyuan3DBackend(Backend):
             seconds["texture_s"] = time.monotonic() - step_s
 
         step_s = time.monotonic()
-        glb, extent = _export(mesh)
+        glb, extent = export_glb_bytes(mesh)
         seconds["export_s"] = time.monotonic() - step_s
         seconds["total_s"] = time.monotonic() - started_s
         info = {
@@ -272,7 +270,7 @@ class Hunyuan3DBackend(Backend):
             "extent_m": [round(float(v), 6) for v in extent],
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
-        debug = {"hunyuan3d_input.png": _png(rgba)} if job.debug else {}
+        debug = {"hunyuan3d_input.png": png_bytes(rgba)} if job.debug else {}
         return GenerationOutput(glb=glb, info=info, debug_files=debug)
 
     def _wants_texture(self, settings: Hy3dOptions) -> bool:
@@ -286,7 +284,7 @@ class Hunyuan3DBackend(Backend):
 
     def _foreground(self, image: "PIL.Image.Image", job: GenerationInput) -> tuple["PIL.Image.Image", str]:
         """The RGBA image the model sees and how its background was removed."""
-        coverage = _alpha_coverage(image)
+        coverage = alpha_coverage(image)
         if coverage == "empty":
             raise InputError(
                 f"{job.input_name}: the image is fully transparent, so there is no object to reconstruct",
@@ -303,7 +301,7 @@ class Hunyuan3DBackend(Backend):
         # The call hy3dgen's BackgroundRemover makes, with the model named here
         # instead of rembg's version-dependent default.
         cut = remove(image.convert("RGB"), session=self._rembg_session, bgcolor=[255, 255, 255, 0]).convert("RGBA")
-        if _alpha_coverage(cut) == "empty":
+        if alpha_coverage(cut) == "empty":
             raise InputError(f"{job.input_name}: background removal found no object in the image", code="no_object")
         return cut, f"rembg:{self.settings.rembg_model}"
 
@@ -370,12 +368,6 @@ class Hunyuan3DBackend(Backend):
 # --- helpers -----------------------------------------------------------------------
 
 
-def _replace(settings: Hy3dOptions, **changes: Any) -> Hy3dOptions:
-    from dataclasses import replace
-
-    return replace(settings, **changes)
-
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     import torch
 
@@ -386,57 +378,3 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
-
-
-def _alpha_coverage(image: "PIL.Image.Image") -> str:
-    """"cutout" when the alpha channel separates an object from a see-through
-    background, "opaque" when it hides nothing, "empty" when it hides everything."""
-    alpha = np.asarray(image.getchannel("A"))
-    solid = alpha >= 128
-    if not solid.any():
-        return "empty"
-    return "cutout" if 1.0 - solid.mean() >= CUTOUT_MIN_TRANSPARENT else "opaque"
-
-
-def _clean_mesh(mesh: "trimesh.Trimesh", max_faces: int) -> "trimesh.Trimesh":
-    """Drop floaters and degenerate faces, then decimate to ``max_faces`` (hy3dgen's
-    FloaterRemover and FaceReducer). The mesh stays in pymeshlab between steps:
-    hy3dgen's trimesh round trips leave temporary PLY files behind."""
-    import pymeshlab
-    import trimesh
-    from hy3dgen.shapegen import FaceReducer, FloaterRemover
-
-    meshset = pymeshlab.MeshSet()
-    meshset.add_mesh(pymeshlab.Mesh(vertex_matrix=np.asarray(mesh.vertices, dtype=np.float64),
-                                    face_matrix=np.asarray(mesh.faces, dtype=np.int32)))
-    meshset = FloaterRemover()(meshset)
-    # DegenerateFaceRemover is a PLY save/reload through a temp file it never
-    # deletes; these filters do the same clean-up in memory.
-    for name in ("meshing_remove_duplicate_vertices", "meshing_remove_null_faces",
-                 "meshing_remove_duplicate_faces", "meshing_remove_unreferenced_vertices"):
-        meshset.apply_filter(name)
-    meshset = FaceReducer()(meshset, max_facenum=max_faces)
-    current = meshset.current_mesh()
-    cleaned = trimesh.Trimesh(vertices=current.vertex_matrix(), faces=current.face_matrix(), process=False)
-    if len(cleaned.faces) == 0:
-        raise GenerateError("mesh clean-up left no faces (the generated shape was only small fragments)",
-                            code="no_surface")
-    return cleaned
-
-
-def _export(mesh: "trimesh.Trimesh") -> tuple[bytes, np.ndarray]:
-    """GLB bytes in geomgen's conventions and the extent, shape (3,), metres."""
-    import trimesh
-
-    from geomgen.geometry.meshio import export_glb, scene_bounds, to_output_conventions
-
-    # Hunyuan3D-2 meshes are already +Y up (glTF's convention), front towards +Z.
-    scene = to_output_conventions(trimesh.Scene(mesh), up_axis="y")
-    bounds = scene_bounds(scene)
-    return export_glb(scene), bounds[1] - bounds[0]
-
-
-def _png(image: "PIL.Image.Image") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
