@@ -97,14 +97,16 @@ def compare(meshes: list[str], glbs: dict[str, bytes], skip_baseline: bool, tmp:
     settings = {"default": ConvertOptions()}
     if not skip_baseline:
         settings["old_coacd"] = baseline_options()
-    runs: dict[str, list[dict]] = {}
-    for label, options in settings.items():
-        runs[label] = []
-        for name in meshes:
+    runs: dict[str, list[dict]] = {label: [] for label in settings}
+    # Mesh by mesh, both settings back to back, so both see the same load from
+    # other processes on a shared machine.
+    for name in meshes:
+        for label, options in settings.items():
             row = convert_and_judge(name, glbs[name], options, tmp / label)
+            row["load_1min"] = round(os.getloadavg()[0], 2)
             runs[label].append(row)
             print(f"  {label:9s} {name:13s} {row['seconds']:7.1f} s  {row['pieces']:3d} pieces  "
-                  f"IoU {row['iou']:.3f}  tilt {row['tilt_deg']:5.1f} deg", flush=True)
+                  f"IoU {row['iou']:.3f}  tilt {row['tilt_deg']:5.1f} deg  (load {row['load_1min']})", flush=True)
     summary: dict = {"default_total_s": round(sum(r["seconds"] for r in runs["default"]), 2),
                      "all_default_drops_pass": all(r["drop_passed"] for r in runs["default"])}
     if "old_coacd" in runs:
@@ -121,41 +123,56 @@ def compare(meshes: list[str], glbs: dict[str, bytes], skip_baseline: bool, tmp:
     return {"runs": runs, "summary": summary}
 
 
-def _pool_job(job: tuple[str, bytes, str]) -> float:
-    """Convert one mesh with default options in a pool process; seconds taken."""
-    from geomgen.geometry.convert import convert_mesh
-
-    name, glb, out_dir = job
-    start = time.perf_counter()
-    convert_mesh(glb, f"{name}.glb", Path(out_dir), name, ConvertOptions())
-    return time.perf_counter() - start
-
-
-def _warm_up(barrier) -> None:
-    # Imports (trimesh, CoACD, pydrake) are paid in every process before the
-    # clock starts; the barrier holds each back until all are warm.
-    import geomgen.geometry.convert  # noqa: F401
-    import geomgen.geometry.drake_check  # noqa: F401
+def _pool_worker(jobs, done, barrier) -> None:
+    """One conversion process: warm up, wait for the others, then convert jobs
+    (name, glb, out_dir) until a None, reporting (name, seconds or error) each."""
+    # Imports (trimesh, CoACD, pydrake) are paid in every process before the clock starts.
     import pydrake.multibody.plant  # noqa: F401
 
+    from geomgen.geometry.convert import convert_mesh
+
     barrier.wait(timeout=600)
+    for name, glb, out_dir in iter(jobs.get, None):
+        start = time.perf_counter()
+        try:
+            convert_mesh(glb, f"{name}.glb", Path(out_dir), name, ConvertOptions())
+            done.put((name, time.perf_counter() - start))
+        except Exception as exc:  # reported by the parent, which fails the run
+            done.put((name, f"{type(exc).__name__}: {exc}"))
 
 
 def pool_seconds(processes: int, meshes: list[str], glbs: dict[str, bytes], tmp: Path) -> float:
-    """Wall seconds for ``processes`` worker processes to convert ``meshes``, one
-    job at a time each, largest input first (as a queue of jobs would drain)."""
-    order = sorted(meshes, key=lambda m: len(glbs[m]), reverse=True)
-    jobs = [(name, glbs[name], str(tmp / f"pool{processes}")) for name in order]
+    """Wall seconds for ``processes`` conversion processes to convert ``meshes``
+    with default options, each taking the next job when free, largest input first.
+
+    Plain (non-daemonic) processes, as an SDF worker's are: a conversion runs
+    its decomposition in a child process of its own.
+    """
     context = multiprocessing.get_context("spawn")
-    with context.Pool(processes, initializer=_warm_up, initargs=(context.Barrier(processes),)) as pool:
-        pool.apply(_noop, (0,))  # a task ran, so every initializer has passed the barrier
+    jobs, done = context.Queue(), context.Queue()
+    barrier = context.Barrier(processes + 1)
+    workers = [context.Process(target=_pool_worker, args=(jobs, done, barrier)) for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    try:
+        barrier.wait(timeout=600)
         start = time.perf_counter()
-        list(pool.imap_unordered(_pool_job, jobs, chunksize=1))
-        return time.perf_counter() - start
-
-
-def _noop(_: int) -> None:
-    return None
+        for name in sorted(meshes, key=lambda m: len(glbs[m]), reverse=True):
+            jobs.put((name, glbs[name], str(tmp / f"pool{processes}")))
+        results = [done.get(timeout=3600) for _ in meshes]
+        seconds = time.perf_counter() - start
+    finally:
+        for _ in workers:
+            jobs.put(None)
+        for worker in workers:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    failed = [f"{name}: {outcome}" for name, outcome in results if isinstance(outcome, str)]
+    if failed:
+        raise RuntimeError("pool conversion failed: " + "; ".join(failed))
+    return seconds
 
 
 def pool_speedup(meshes: list[str], glbs: dict[str, bytes], tmp: Path) -> dict:
