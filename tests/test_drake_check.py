@@ -313,3 +313,12 @@ def test_voxel_sampling_matches_analytic_volumes():
     assert iou(inside, hull) > 0.98
     assert iou(inside, np.zeros_like(inside)) == 0.0
     assert math.isclose(iou(np.zeros_like(inside), np.zeros_like(inside)), 0.0)
+
+
+def test_validate_accepts_primitive_collision_and_rejects_a_corrupt_mesh(tmp_path):
+    sphere = "<sphere><radius>0.5</radius></sphere>"
+    assert validate_sdf(_bad_sdf(tmp_path, geometry=sphere))["collision_geometries"] == 1
+    (tmp_path / "corrupt.obj").write_text("v 0 0 0\nv 1 0 0\nf 1 2 3\n")
+    with pytest.raises(ConvertError, match="corrupt.obj") as caught:
+        validate_sdf(_bad_sdf(tmp_path, geometry="<mesh><uri>corrupt.obj</uri></mesh>"))
+    assert caught.value.code == "drake_rejected"
