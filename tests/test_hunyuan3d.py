@@ -162,8 +162,7 @@ def test_exception_inside_the_pipeline_fails_only_that_job(backend, tmp_path):
     with pytest.raises(GenerateError) as caught:
         backend.generate(job(object_png(alpha=True, thin=True), tmp_path))
     assert caught.value.code == "pipeline_error"
-    assert "shape generation failed inside hy3dgen" in caught.value.message
-    assert "ValueError" in caught.value.message
+    assert "shape generation failed (ValueError" in caught.value.message
     assert glb_mesh(backend.generate(job(object_png(alpha=True), tmp_path)).glb).faces.size
 
 

@@ -58,7 +58,7 @@ class Hunyuan3DBackend(Backend):
         self._texture_reason = "texture=off"  # why there is no painter
         self._rembg_session: Any = None
         self._rembg_reason = ""  # why background removal is unavailable
-        self.weights_folder = None
+        self._weights_folder = ""
 
     # --- availability ---------------------------------------------------------
 
@@ -85,9 +85,10 @@ class Hunyuan3DBackend(Backend):
         Raises BackendUnavailable naming what is missing and how to provide it:
         packages, CUDA, weights (with every folder searched), texture models.
         """
-        # hy3dgen falls back to a hub download when a folder is missing; offline
-        # that hangs on retries or fails late. Weights are resolved here instead,
-        # and the hub client is told not to try (read when huggingface_hub is imported).
+        # hy3dgen's from_pretrained, and the diffusers/transformers loaders under its
+        # paint pipeline, fall back to a hub download when a file is missing: offline
+        # that hangs on retries. Weights are resolved to local files here, and the hub
+        # client is told never to try (it reads this when huggingface_hub is imported).
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
             import torch
@@ -110,7 +111,7 @@ class Hunyuan3DBackend(Backend):
         turbo_weights = find_weights(*turbo) if turbo else None
         if turbo_weights is not None and not turbo_weights.found:
             raise BackendUnavailable(turbo_weights.describe_missing() + ", or start the worker with flashvdm=off")
-        self.weights_folder = weights.folder
+        self._weights_folder = str(weights.folder)
         try:
             pipeline = Hunyuan3DDiTFlowMatchingPipeline.from_single_file(
                 str(weights.checkpoint), str(weights.folder / "config.yaml"),
@@ -257,6 +258,7 @@ class Hunyuan3DBackend(Backend):
         seconds["total_s"] = time.monotonic() - started_s
         info = {
             "model": f"{settings.model}/{settings.subfolder}".rstrip("/"),
+            "weights": self._weights_folder,
             "device": settings.device,
             "dtype": settings.dtype,
             "texture": paint,
@@ -300,7 +302,9 @@ class Hunyuan3DBackend(Backend):
 
         # The call hy3dgen's BackgroundRemover makes, with the model named here
         # instead of rembg's version-dependent default.
-        cut = remove(image.convert("RGB"), session=self._rembg_session, bgcolor=[255, 255, 255, 0]).convert("RGBA")
+        cut = self._guarded("background removal", lambda: remove(
+            image.convert("RGB"), session=self._rembg_session, bgcolor=[255, 255, 255, 0]).convert("RGBA"),
+            "send an RGBA image that is already cut out")
         if alpha_coverage(cut) == "empty":
             raise InputError(f"{job.input_name}: background removal found no object in the image", code="no_object")
         return cut, f"rembg:{self.settings.rembg_model}"
@@ -345,7 +349,7 @@ class Hunyuan3DBackend(Backend):
                 )
             else:
                 log.exception("hunyuan3d %s failed", stage)
-                failure = GenerateError(f"{stage} failed inside hy3dgen ({type(exc).__name__}: {_first_line(exc)})",
+                failure = GenerateError(f"{stage} failed ({type(exc).__name__}: {_first_line(exc)})",
                                         code="pipeline_error")
         # Outside the except block, so the traceback and the tensors its frames
         # hold are gone before the cache is emptied.
