@@ -213,7 +213,8 @@ def test_bad_request_options(backend, tmp_path, options, code, words):
 
 
 def test_repeating_the_workers_own_load_options_is_fine(backend, tmp_path):
-    output = backend.generate(job(object_png(alpha=True), tmp_path, model="tiny", device="cpu", flashvdm=True, steps=1))
+    output = backend.generate(job(object_png(alpha=True), tmp_path, model="tiny", device="cpu", dtype="auto",
+                                  flashvdm=True, steps=1))
     assert output.info["steps"] == 1
 
 

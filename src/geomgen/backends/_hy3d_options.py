@@ -97,6 +97,8 @@ def merge_request_options(worker: Hy3dOptions, options: dict[str, Any] | None) -
     """
     values = _parse(options or {})
     for name in LOAD_OPTIONS:
+        if name in ("device", "dtype") and values.get(name) == "auto":
+            continue  # "whatever the worker chose", which it resolved at load
         if name in values and values[name] != getattr(worker, name):
             raise InputError(
                 f"option {name} is fixed when the worker starts (this worker has {name}="
