@@ -10,6 +10,20 @@ import sys
 import pytest
 
 from geomgen import doctor
+from geomgen.backends.base import Backend
+
+
+class CrashingCheckBackend(Backend):
+    """A plug-in whose check() itself raises."""
+
+    name = "crashing"
+
+    @classmethod
+    def check(cls):
+        raise RuntimeError("probe blew up")
+
+    def generate(self, job):
+        raise AssertionError("never called")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +97,13 @@ def test_a_crashing_probe_becomes_a_failed_line(monkeypatch):
     checks = {c.name: c for c in doctor.collect()}
     assert not checks["coacd"].ok and "driver exploded" in checks["coacd"].detail
     assert checks["backend mesh"].ok
+
+
+def test_a_plugin_whose_check_raises_gets_its_own_line(monkeypatch):
+    monkeypatch.setenv("GEOMGEN_BACKENDS", "crashing=tests.test_doctor:CrashingCheckBackend")
+    checks = {c.name: c for c in doctor.collect()}
+    assert not checks["backend crashing"].ok and "probe blew up" in checks["backend crashing"].detail
+    assert checks["backend silhouette"].ok
 
 
 def test_module_entry_point_prints_json():

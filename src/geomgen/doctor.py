@@ -189,6 +189,9 @@ def _backends() -> list[Check]:
         except GeomgenError as exc:
             checks.append(Check(f"backend {name}", False, exc.message))
             continue
+        except Exception as exc:  # noqa: BLE001 - one broken plug-in must not hide the others
+            checks.append(Check(f"backend {name}", False, f"its check() failed ({type(exc).__name__}: {exc})"))
+            continue
         if reason is not None:
             checks.append(Check(f"backend {name}", False, reason))
         elif cls.uses_gpu and not cuda:
