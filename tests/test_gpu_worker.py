@@ -1,5 +1,5 @@
 """The GPU worker against a broker played by the test: a real ROUTER on a
-loopback port, real worker processes (``python -m geomgen.gpu_worker``) with the
+loopback port, real worker processes (``geomgen gpu-worker``) with the
 test backends of tests/plugins.py registered through GEOMGEN_BACKENDS."""
 
 from __future__ import annotations
@@ -123,13 +123,13 @@ def broker(zctx, endpoints):
 
 @pytest.fixture
 def spawn(tmp_path, endpoints):
-    """Start `python -m geomgen.gpu_worker` processes; every one is reaped."""
+    """Start `geomgen gpu-worker` processes; every one is reaped."""
     started: list[subprocess.Popen] = []
 
     def start(backend: str, *args: str, liveness: int = RELAXED_LIVENESS) -> subprocess.Popen:
         log = open(tmp_path / f"gpu-{backend}-{len(started)}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "geomgen.gpu_worker", "--backend", backend,
+            [sys.executable, "-m", "geomgen", "gpu-worker", "--backend", backend,
              "--broker", f"127.0.0.1:{endpoints.client_port}",
              "--heartbeat-interval", str(HEARTBEAT_S), "--liveness", str(liveness), *args],
             cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT,

@@ -1,6 +1,6 @@
 """The SDF worker against a broker played by the test: a real PUSH (jobs) and
 PULL (results) on loopback ports, real worker processes
-(``python -m geomgen.sdf_worker``) and real conversion child processes. Test
+(``geomgen sdf-worker``) and real conversion child processes. Test
 converters (tests/plugins.py:selectable_convert) crash or hang on demand."""
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def spawn(tmp_path, endpoints, pid_dir):
     def start(*args: str) -> subprocess.Popen:
         log = open(tmp_path / f"sdf-{len(started)}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "geomgen.sdf_worker", "--broker", f"127.0.0.1:{endpoints.client_port}", *args],
+            [sys.executable, "-m", "geomgen", "sdf-worker", "--broker", f"127.0.0.1:{endpoints.client_port}", *args],
             cwd=REPO, env=worker_env(pid_dir), stdout=log, stderr=subprocess.STDOUT,
         )
         proc.log_path = Path(log.name)  # type: ignore[attr-defined]
@@ -272,12 +272,12 @@ def test_start_up_failures_exit_2_with_a_clear_message(tmp_path, endpoints, pid_
         "converter": ({"GEOMGEN_CONVERT_FN": "no_such_module:convert"}, []),
     }
     procs = {
-        name: subprocess.Popen([sys.executable, "-m", "geomgen.sdf_worker", "--broker", broker, *args], cwd=REPO,
+        name: subprocess.Popen([sys.executable, "-m", "geomgen", "sdf-worker", "--broker", broker, *args], cwd=REPO,
                                env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for name, (extra, args) in runs.items()
     }
     out = {name: proc.communicate(timeout=60)[0] for name, proc in procs.items()}
     assert {name: proc.returncode for name, proc in procs.items()} == {name: 2 for name in runs}
-    assert "procs must be at least 1" in out["procs"]
+    assert "'--procs': 0 is not in the range" in out["procs"]
     assert "conversion timeout must be > 0" in out["timeout"]
     assert "'no_such_module:convert'" in out["converter"] and "GEOMGEN_CONVERT_FN" in out["converter"]

@@ -9,7 +9,6 @@ docs/architecture.md explains the design, docs/protocol.md the messages.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -20,6 +19,7 @@ import zmq
 from geomgen import __version__, defaults, protocol
 from geomgen.dispatch import Dispatcher
 from geomgen.endpoints import Endpoints
+from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import ProtocolError, Stage, TransportError
 from geomgen.jobs import peek_request_id
 from geomgen.protocol import BrokerHeartbeat, Command, HealthReply, SdfJob
@@ -289,20 +289,10 @@ def serve(endpoints: Endpoints, **settings: Any) -> int:
         return 1
     log.info("broker %s listening: clients %s, GPU workers %s, SDF jobs %s, SDF results %s",
              broker.broker_id, endpoints.client, endpoints.worker, endpoints.sdf_job, endpoints.sdf_result)
-    stop = threading.Event()
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        def on_signal(signum: int, _frame: object) -> None:
-            log.info("received %s; stopping", signal.Signals(signum).name)
-            stop.set()
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, on_signal)
     try:
-        broker.run(stop)
+        with stop_on_signals(log) as stop:
+            broker.run(stop)
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         broker.close()
     log.info("broker stopped")
     return 0

@@ -201,8 +201,12 @@ def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, 
 @backend_options_option
 @click.option("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
               help="Seconds between heartbeats to the broker.")
+@click.option("--liveness", type=int, default=defaults.HEARTBEAT_LIVENESS, show_default=True,
+              help="Missed broker heartbeats before reconnecting.")
+@click.option("--worker-id", help="Name in the broker's health report (default: a random id).")
 @verbose_option
-def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_interval, verbose) -> None:
+def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_interval, liveness, worker_id,
+               verbose) -> None:
     """Run one GPU worker: loads its backend once, then one job at a time.
 
     Example: geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker hub:5555
@@ -213,7 +217,8 @@ def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_
         endpoints = Endpoints(**{**endpoints.__dict__, "worker_port": worker_port})
     _logging(verbose)
     sys.exit(worker_role.main(backend, endpoints, gpu=gpu, backend_options=backend_options,
-                              heartbeat_interval_s=heartbeat_interval))
+                              heartbeat_interval_s=heartbeat_interval, heartbeat_liveness=liveness,
+                              worker_id=worker_id))
 
 
 @cli.command("sdf-worker")
@@ -226,8 +231,9 @@ def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_
               help="Seconds between status heartbeats to the broker.")
 @click.option("--convert-timeout", type=float, default=defaults.SDF_CONVERT_TIMEOUT_S, show_default=True,
               help="Seconds after which a conversion child is killed and its job fails.")
+@click.option("--worker-id", help="Name in the broker's health report (default: a random id).")
 @verbose_option
-def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interval, convert_timeout,
+def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interval, convert_timeout, worker_id,
                verbose) -> None:
     """Run an SDF worker: converts GLBs to Drake SDF packages, --procs at a time.
 
@@ -239,7 +245,7 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interv
     endpoints = Endpoints(**{**endpoints.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     _logging(verbose)
     sys.exit(worker_role.main(endpoints, procs=procs, heartbeat_interval_s=heartbeat_interval,
-                              convert_timeout_s=convert_timeout))
+                              convert_timeout_s=convert_timeout, worker_id=worker_id))
 
 
 @cli.command()

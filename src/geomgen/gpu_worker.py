@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import threading
@@ -24,6 +23,7 @@ from geomgen import __version__, defaults, gpu_job, protocol
 from geomgen.backends import load_backend_class
 from geomgen.backends.base import Backend
 from geomgen.endpoints import Endpoints
+from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import BackendUnavailable, GeomgenError, InputError, ProtocolError, Stage, UnknownBackend
 
 log = logging.getLogger("geomgen.gpu_worker")
@@ -368,45 +368,9 @@ def main(
 
     worker = GpuWorker(instance, backend, endpoints, gpu=gpu, heartbeat_interval_s=heartbeat_interval_s,
                        heartbeat_liveness=heartbeat_liveness, worker_id=worker_id)
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        worker.run(stop)
+        with stop_on_signals(log) as stop:
+            worker.run(stop)
     finally:
         worker.close()
     return 0
-
-
-def _cli(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from geomgen.endpoints import parse_broker
-
-    parser = argparse.ArgumentParser(prog="python -m geomgen.gpu_worker", description="Run one GPU worker.")
-    parser.add_argument("--backend", required=True)
-    parser.add_argument("--broker", default=f"{defaults.HOST}:{defaults.CLIENT_PORT}")
-    parser.add_argument("--gpu", default=None)
-    parser.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S)
-    parser.add_argument("--liveness", type=int, default=defaults.HEARTBEAT_LIVENESS)
-    parser.add_argument("--worker-id", default=None)
-    args = parser.parse_args(argv)
-    options = {}
-    for item in args.backend_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--backend-option expects KEY=VALUE, got {item!r}")
-        options[key.strip()] = value
-    return main(args.backend, parse_broker(args.broker), gpu=args.gpu, backend_options=options,
-                heartbeat_interval_s=args.heartbeat_interval, heartbeat_liveness=args.liveness,
-                worker_id=args.worker_id)
-
-
-if __name__ == "__main__":
-    sys.exit(_cli())

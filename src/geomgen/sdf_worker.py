@@ -26,6 +26,7 @@ import zmq
 
 from geomgen import convert_child, defaults, protocol
 from geomgen.endpoints import Endpoints
+from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
 
 log = logging.getLogger("geomgen.sdf_worker")
@@ -352,41 +353,14 @@ def main(
     except GeomgenError as exc:
         print(f"geomgen sdf-worker: {exc.message}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, _frame) -> None:
-        log.info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        worker.check_children()
-        log.info("SDF worker %s: %d slot(s), broker %s", worker.worker_id, procs, endpoints.sdf_job)
-        worker.run(stop)
+        with stop_on_signals(log) as stop:
+            worker.check_children()
+            log.info("SDF worker %s: %d slot(s), broker %s", worker.worker_id, procs, endpoints.sdf_job)
+            worker.run(stop)
     except GeomgenError as exc:
         print(f"geomgen sdf-worker: cannot start: {exc.message}", file=sys.stderr)
         return 2
     finally:
         worker.close()
     return 0
-
-
-def _cli(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from geomgen.endpoints import parse_broker
-
-    parser = argparse.ArgumentParser(prog="python -m geomgen.sdf_worker", description="Run one SDF worker.")
-    parser.add_argument("--broker", default=f"{defaults.HOST}:{defaults.CLIENT_PORT}")
-    parser.add_argument("--procs", type=int, default=1)
-    parser.add_argument("--heartbeat-interval", type=float, default=defaults.HEARTBEAT_INTERVAL_S)
-    parser.add_argument("--convert-timeout", type=float, default=defaults.SDF_CONVERT_TIMEOUT_S)
-    parser.add_argument("--worker-id", default=None)
-    args = parser.parse_args(argv)
-    return main(parse_broker(args.broker), procs=args.procs, heartbeat_interval_s=args.heartbeat_interval,
-                convert_timeout_s=args.convert_timeout, worker_id=args.worker_id)
-
-
-if __name__ == "__main__":
-    sys.exit(_cli())

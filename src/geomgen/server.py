@@ -7,6 +7,7 @@ until the broker sees them all, and stops them with SIGTERM, then SIGKILL.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -14,7 +15,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,9 @@ from typing import Any, Sequence
 from geomgen import defaults
 from geomgen.endpoints import Endpoints
 from geomgen.errors import InputError, TransportError
+from geomgen.lifecycle import stop_on_signals
+
+log = logging.getLogger("geomgen.server")
 
 # GeometryServer keyword -> broker command-line flag (values in seconds)
 BROKER_SETTINGS = {
@@ -278,23 +281,20 @@ class GeometryServer:
 
         A worker that exits is reported on stderr; the others keep serving.
         """
-        stop = threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
         reported: set[str] = set()
         try:
-            while not stop.wait(poll_interval_s):
-                for child in self.exited():
-                    if child.name in reported:
-                        continue
-                    reported.add(child.name)
-                    print(f"geomgen serve: {self._exited_error(child, 'while serving')}", file=sys.stderr)
-                    if child.name == "broker":
-                        return 1
-            return 0
+            with stop_on_signals(log) as stop:
+                while not stop.wait(poll_interval_s):
+                    for child in self.exited():
+                        if child.name in reported:
+                            continue
+                        reported.add(child.name)
+                        print(f"geomgen serve: {self._exited_error(child, 'while serving')}", file=sys.stderr)
+                        if child.name == "broker":
+                            return 1
+                return 0
         finally:
             self.stop()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def __enter__(self) -> "GeometryServer":
         self.start()
