@@ -383,3 +383,33 @@ def test_real_mesh_converts_collides_like_its_visual_and_stands(tmp_path):
     assert collision_iou(report.sdf_path) >= 0.8
     drop = drop_test(report.sdf_path)
     assert drop.passed, drop
+
+
+def test_node_transforms_are_kept_in_visual_and_collision(tmp_path):
+    box = trimesh.creation.box([0.1, 0.2, 0.6])  # lying along glTF z
+    scene = trimesh.Scene()
+    # A node turns it upright (+90 degrees about x: z -> y) and lifts it to rest on y = 0.
+    turn = trimesh.transformations.rotation_matrix(-math.pi / 2, [1, 0, 0])
+    turn[1, 3] = 0.3
+    scene.add_geometry(box, transform=turn)
+    report = convert_mesh(scene.export(file_type="glb"), "turned.glb", tmp_path, "turned", ConvertOptions(collision="hull"))
+    np.testing.assert_allclose(report.bbox_m, [0.1, 0.2, 0.6], atol=1e-6)
+    points = read_obj(report.package_dir / "turned_collision_0.obj")
+    visual = trimesh.load(report.package_dir / "turned.gltf", force="mesh")
+    placed = gltf_to_drake(visual.vertices)
+    np.testing.assert_allclose(placed.min(axis=0), points.min(axis=0), atol=1e-6)
+    np.testing.assert_allclose(placed.max(axis=0), points.max(axis=0), atol=1e-6)
+    assert report.com_m[2] == pytest.approx(0.3, abs=1e-6)
+
+
+def test_obj_with_material_library_keeps_its_texture(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for name, blob in trimesh.exchange.obj.export_obj(textured_box(), include_texture=True, return_texture=True)[1].items():
+        (source / name).write_bytes(blob)
+    obj_text = trimesh.exchange.obj.export_obj(textured_box(), include_texture=True, mtl_name="crate.mtl")
+    (source / "crate.obj").write_text(obj_text)
+    report = convert_file(source / "crate.obj", tmp_path / "out", ConvertOptions(collision="hull"))
+    gltf = json.loads((report.package_dir / "crate.gltf").read_text())
+    assert len(gltf.get("images", [])) == 1
+    assert report.volume_m3 == pytest.approx(0.027, rel=1e-6)

@@ -113,12 +113,24 @@ def convert_file(path: Path, out_dir: Path, options: ConvertOptions | None = Non
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}", code="unreadable_input") from None
     sources = [{"name": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}]
-    if path.suffix.lower() != ".gltf":
-        return _convert(data, path.name, Path(out_dir), name, options, sources)
-    # A .gltf's buffers and textures live beside it: pack them, byte for byte, into one GLB.
-    glb = pack_gltf(data, path.parent)
-    sources += _gltf_resources(data, path.parent)
-    return _convert(glb, path.stem + ".glb", Path(out_dir), name, options, sources)
+    suffix = path.suffix.lower()
+    if suffix == ".gltf":
+        # A .gltf's buffers and textures live beside it: pack them, byte for byte, into one GLB.
+        glb = pack_gltf(data, path.parent)
+        sources += _gltf_resources(data, path.parent)
+        return _convert(glb, path.stem + ".glb", Path(out_dir), name, options, sources)
+    if suffix == ".obj" and b"mtllib" in data:
+        # Its materials and textures are files beside it, which only a load from disk finds.
+        from geomgen.geometry.meshio import export_glb, load_mesh_file
+
+        try:
+            glb = export_glb(load_mesh_file(path))
+        except GeomgenError as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise ConvertError(f"{path.name}: {exc.message}", code="bad_visual") from None
+        return _convert(glb, path.stem + ".glb", Path(out_dir), name, options, sources)
+    return _convert(data, path.name, Path(out_dir), name, options, sources)
 
 
 def _gltf_resources(gltf: bytes, folder: Path) -> list[dict]:

@@ -39,7 +39,10 @@ COACD_DEFAULTS: dict[str, Any] = {
     "merge": True,  # merge neighbouring pieces whose union stays within threshold
     "decimate": False,  # cap each hull at max_ch_vertex vertices
     "max_ch_vertex": 128,  # vertices per hull when decimate is on
-    "preprocess_mode": "auto",  # remesh to a manifold first: auto (when not manifold) | on | off
+    # Remesh to a manifold first: auto (when CoACD finds it is not one) | on | off. For a
+    # closed solid geomgen passes "off" unless told otherwise: a self-intersection would
+    # make "auto" remesh it to ~50,000 faces, and cutting those is what takes the time.
+    "preprocess_mode": "auto",
     "preprocess_resolution": 50,  # voxel grid of that remeshing
     "seed": 0,  # random seed of the tree search
 }
@@ -179,6 +182,8 @@ def decompose(
             warnings.append(note)
     for rung in LADDER[LADDER.index(method) :]:
         rung_params = chosen if rung == method else dict(PARAMETERS[rung])
+        if rung == "coacd" and "preprocess_mode" not in (params or {}) and _closed(used_faces):
+            rung_params = {**rung_params, "preprocess_mode": "off"}
         try:
             if rung == "hull":
                 raw = _hull_pieces(np.asarray(vertices, dtype=float))
@@ -207,6 +212,14 @@ def decompose(
     raise ConvertError(
         "convex decomposition failed with every method (" + "; ".join(fallbacks) + ")", code="decomposition_failed"
     )
+
+
+def _closed(faces: np.ndarray) -> bool:
+    """Every edge of the triangles (M, 3) bounds exactly two of them."""
+    faces = np.asarray(faces, dtype=np.int64)
+    edges = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
+    _, uses = np.unique(edges, axis=0, return_counts=True)
+    return bool(len(faces) > 0 and (uses == 2).all())
 
 
 def clean_pieces(raw: list) -> list[tuple[np.ndarray, np.ndarray]]:
