@@ -35,7 +35,7 @@ class ConvertOptions:
     scale: float | None = None  # uniform scale, used when dimensions is None
     collision: str = "coacd"  # coacd | vhacd | hull
     collision_params: dict = field(default_factory=dict)  # method-specific parameters
-    simplify_faces: int | None = None  # decimate to this many faces before decomposition
+    simplify_faces: int | None = None  # decimate to this many faces before decomposition; None: decomposition.DEFAULT_DECOMPOSITION_FACES
     remove_floaters: bool = True  # drop small disconnected pieces
     hydroelastic: bool = False  # write compliant hydroelastic properties
     hydroelastic_modulus_pa: float | None = None  # default from the material
