@@ -226,6 +226,9 @@ class Hunyuan3DBackend(Backend):
         paint = self._wants_texture(settings)
         seconds: dict[str, float] = {}
         started_s = time.monotonic()
+        on_cuda = settings.device.startswith("cuda")
+        if on_cuda:
+            self._torch.cuda.reset_peak_memory_stats(settings.device)
 
         from geomgen.inputs import decode_image
 
@@ -272,6 +275,8 @@ class Hunyuan3DBackend(Backend):
             "extent_m": [round(float(v), 6) for v in extent],
             "seconds": {k: round(v, 4) for k, v in seconds.items()},
         }
+        if on_cuda:
+            info["gpu_peak_gb"] = round(self._torch.cuda.max_memory_allocated(settings.device) / 1024**3, 3)
         debug = {"hunyuan3d_input.png": png_bytes(rgba)} if job.debug else {}
         return GenerationOutput(glb=glb, info=info, debug_files=debug)
 
