@@ -57,14 +57,16 @@ class WeightsFolder:
         """A sentence: what is missing, where it was sought, how to fetch it."""
         places = "; ".join(self.looked_in) or "nowhere"
         if is_local_path(self.model):
-            fetch = f"put config.yaml and one of {', '.join(CHECKPOINT_NAMES)} in {self.model}/{self.subfolder}"
+            target = os.path.join(self.model, self.subfolder) if self.subfolder else self.model
+            fetch = f"put config.yaml and one of {', '.join(CHECKPOINT_NAMES)} in {target}"
         else:
             fetch = (
                 f"fetch them on a machine with internet access with `huggingface-cli download {self.model} "
                 f"--include '{self.subfolder}/*' --local-dir {models_root() / self.model}` "
                 "(or point HY3DGEN_MODELS at a folder holding <model>/<subfolder>)"
             )
-        return f"weights {self.model}/{self.subfolder} not found (looked in: {places}); {fetch}"
+        name = f"{self.model}/{self.subfolder}" if self.subfolder else self.model
+        return f"weights {name} not found (looked in: {places}); {fetch}"
 
 
 def _checkpoint_in(folder: Path) -> Path | None:
