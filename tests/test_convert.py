@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -413,3 +414,50 @@ def test_obj_with_material_library_keeps_its_texture(tmp_path):
     gltf = json.loads((report.package_dir / "crate.gltf").read_text())
     assert len(gltf.get("images", [])) == 1
     assert report.volume_m3 == pytest.approx(0.027, rel=1e-6)
+
+
+def test_root_transform_is_added_once_above_the_scene_roots(tmp_path):
+    child = trimesh.creation.box([0.1, 0.1, 0.1])
+    scene = trimesh.Scene()
+    scene.add_geometry(child, node_name="lid", transform=trimesh.transformations.translation_matrix([0, 0.05, 0]))
+    report = convert_mesh(scene.export(file_type="glb"), "s.glb", tmp_path, "s", ConvertOptions(scale=2.0, collision="hull"))
+    gltf = json.loads((report.package_dir / "s.gltf").read_text())
+    (root,) = gltf["scenes"][gltf["scene"]]["nodes"]
+    assert gltf["nodes"][root]["name"] == "geomgen_root"
+    parents = [i for i, node in enumerate(gltf["nodes"]) for c in node.get("children", [])]
+    assert len(parents) == len({c for node in gltf["nodes"] for c in node.get("children", [])})  # one parent each
+    visual = trimesh.load(report.package_dir / "s.gltf", force="mesh")
+    np.testing.assert_allclose(visual.bounds, [[-0.1, 0.0, -0.1], [0.1, 0.2, 0.1]], atol=1e-6)
+
+
+def test_pack_and_unpack_gltf_round_trip_byte_for_byte(tmp_path):
+    from geomgen.geometry.visual import pack_gltf, split_glb, write_visual
+
+    files = trimesh.Scene(textured_box()).export(file_type="gltf")
+    for name, blob in files.items():
+        (tmp_path / name).write_bytes(blob)
+    gltf_name = next(n for n in files if n.endswith(".gltf"))
+    source = json.loads(files[gltf_name])
+    glb = pack_gltf(files[gltf_name], tmp_path)
+    tree, binary = split_glb(glb)
+    assert json.loads(json.dumps(tree["accessors"])) == source["accessors"]
+    assert len(tree["buffers"]) == 1 and "uri" not in tree["buffers"][0]
+    # Without a scene list every parentless node is a root; the transform goes above them.
+    tree.pop("scenes", None)
+    tree.pop("scene", None)
+    text = json.dumps(tree).encode()
+    text += b" " * (-len(text) % 4)
+    body = struct.pack("<II", len(text), 0x4E4F534A) + text + struct.pack("<II", len(binary), 0x004E4942) + binary
+    rebuilt = struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body
+    out = tmp_path / "out"
+    out.mkdir()
+    written = write_visual(rebuilt, out, "v", np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert [p.name for p in written] == ["v.gltf", "v.bin", "v_texture_0.png"]
+    result = json.loads((out / "v.gltf").read_text())
+    assert result["nodes"][result["scenes"][0]["nodes"][0]]["matrix"][0] == 2.0
+    view = tree["bufferViews"][tree["images"][0]["bufferView"]]
+    image = binary[view.get("byteOffset", 0) : view.get("byteOffset", 0) + view["byteLength"]]
+    assert (out / "v_texture_0.png").read_bytes() == image  # not re-encoded
+    assert len(result["accessors"]) == len(source["accessors"])
+    visual = trimesh.load(out / "v.gltf", force="mesh")
+    np.testing.assert_allclose(np.ptp(visual.vertices, axis=0), [0.6, 0.6, 0.6], atol=1e-6)

@@ -233,7 +233,8 @@ def _renumber_views(node: Any, new_index: dict[int, int]) -> None:
 def _add_root(tree: dict, transform: np.ndarray) -> None:
     """Parent the default scene's root nodes under one node carrying ``transform``."""
     nodes = tree.setdefault("nodes", [])
-    scenes = tree.get("scenes") or [{"nodes": list(range(len(nodes)))}]
+    children = {child for node in nodes for child in node.get("children", [])}
+    scenes = tree.get("scenes") or [{"nodes": [i for i in range(len(nodes)) if i not in children]}]
     default = int(tree.get("scene", 0))
     scene = scenes[default] if default < len(scenes) else scenes[0]
     nodes.append(
