@@ -22,7 +22,6 @@ from geomgen.geometry.convert import ConversionReport, convert_file, convert_mes
 from geomgen.geometry.frames import gltf_to_drake
 from geomgen.geometry.options import ConvertOptions
 from geomgen.geometry.sdf import DRAKE_NS, SDF_VERSION
-
 from tests.conftest import SHARED_DATA
 
 D = f"{{{DRAKE_NS}}}"
@@ -226,7 +225,11 @@ def test_explicit_mu_and_modulus_and_defaults(tmp_path):
 def test_hydroelastic_package_loads_with_hydroelastic_contact(tmp_path):
     from pydrake.geometry import SceneGraph
     from pydrake.multibody.parsing import Parser
-    from pydrake.multibody.plant import AddMultibodyPlant, ContactModel, MultibodyPlantConfig
+    from pydrake.multibody.plant import (
+        AddMultibodyPlant,
+        ContactModel,
+        MultibodyPlantConfig,
+    )
     from pydrake.systems.framework import DiagramBuilder
 
     report = convert_mesh(box_glb(), "b.glb", tmp_path, "b", ConvertOptions(hydroelastic=True, collision="hull"))

@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from geomgen.errors import ConvertError
 

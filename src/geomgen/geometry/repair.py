@@ -42,7 +42,7 @@ class Solid:
     warnings: list[str] = field(default_factory=list)
 
 
-def scene_triangles(scene: "trimesh.Scene") -> tuple[np.ndarray, np.ndarray]:
+def scene_triangles(scene: trimesh.Scene) -> tuple[np.ndarray, np.ndarray]:
     """Every placed mesh of ``scene`` as one triangle soup: vertices (N, 3) in scene
     coordinates (node transforms applied) and faces (M, 3)."""
     import trimesh
@@ -102,7 +102,7 @@ def make_solid(vertices: np.ndarray, faces: np.ndarray, remove_floaters: bool = 
     )
 
 
-def _drop_components(mesh: "trimesh.Trimesh", remove_floaters: bool) -> list[str]:
+def _drop_components(mesh: trimesh.Trimesh, remove_floaters: bool) -> list[str]:
     """Drop, in place, closed pieces that enclose no volume (double-sided sheets: they
     add no mass and make convex decomposition bridge across the object) and, when
     ``remove_floaters``, pieces small in both area and face count. Returns notes."""
@@ -136,7 +136,7 @@ def _drop_components(mesh: "trimesh.Trimesh", remove_floaters: bool) -> list[str
     return notes
 
 
-def _flat_closed(mesh: "trimesh.Trimesh", labels: np.ndarray, count: int) -> np.ndarray:
+def _flat_closed(mesh: trimesh.Trimesh, labels: np.ndarray, count: int) -> np.ndarray:
     """(count,) bool: connected pieces that are closed yet enclose (almost) no volume."""
     # Edges counted per piece: a piece is closed when each of its edges bounds two of its faces.
     edge_piece = labels[mesh.edges_face]
