@@ -464,3 +464,11 @@ def test_pack_and_unpack_gltf_round_trip_byte_for_byte(tmp_path):
     assert len(result["accessors"]) == len(source["accessors"])
     visual = trimesh.load(out / "v.gltf", force="mesh")
     np.testing.assert_allclose(np.ptp(visual.vertices, axis=0), [0.6, 0.6, 0.6], atol=1e-6)
+
+
+def test_options_may_come_as_a_wire_dict(tmp_path):
+    report = convert_mesh(box_glb(), "b.glb", tmp_path, "b", {"mass_kg": 4.0, "collision": "hull"})
+    assert report.mass_kg == 4.0 and report.method == "hull"
+    with pytest.raises(InputError) as info:
+        convert_mesh(box_glb(), "b.glb", tmp_path, "c", {"mass": 4.0})
+    assert info.value.code == "bad_option"

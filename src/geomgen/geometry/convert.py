@@ -149,11 +149,12 @@ def _gltf_resources(gltf: bytes, folder: Path) -> list[dict]:
 
 
 def _convert(
-    data: bytes, input_name: str, out_dir: Path, name: str, options: ConvertOptions | None, sources: list[dict]
+    data: bytes, input_name: str, out_dir: Path, name: str, options: ConvertOptions | dict | None, sources: list[dict]
 ) -> ConversionReport:
     start = time.monotonic()
     check_name(name)
-    options = options if options is not None else ConvertOptions()
+    if options is None or isinstance(options, dict):
+        options = ConvertOptions.from_dict(options)  # a request's wire form
     options.check()
     staging = out_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     try:
