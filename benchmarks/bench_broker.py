@@ -161,13 +161,17 @@ def broker_alone(jobs: int) -> list[dict]:
             harness = Harness(endpoints, n_workers=in_flight)
             harness.wait_workers()
             harness.run(min(jobs, 200), in_flight)  # warm-up
+            cpu_before_s = _cpu_seconds(broker.pid)
             rows.append(harness.run(jobs if in_flight > 1 else max(500, jobs // 5), in_flight))
+            # The broker's own CPU per job: what it could sustain on one core, apart from this harness.
+            rows[-1]["broker_cpu_ms_per_job"] = 1e3 * (_cpu_seconds(broker.pid) - cpu_before_s) / rows[-1]["jobs"]
             harness.close()
         finally:
             broker.terminate()
             broker.wait(timeout=10)
         print(f"broker alone   in_flight={in_flight:>3}: {rows[-1]['jobs_per_s']:8.0f} jobs/s  "
-              f"dispatch p50 {rows[-1]['dispatch_p50_ms']:.2f} ms  p99 {rows[-1]['dispatch_p99_ms']:.2f} ms")
+              f"dispatch p50 {rows[-1]['dispatch_p50_ms']:.2f} ms  p99 {rows[-1]['dispatch_p99_ms']:.2f} ms  "
+              f"broker CPU {rows[-1]['broker_cpu_ms_per_job']:.3f} ms/job")
     return rows
 
 
@@ -233,6 +237,12 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu_model() -> str:
