@@ -32,6 +32,38 @@ def sample(kind: str) -> Path:
     return found[0]
 
 
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height pixels (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def _glb_with_external_buffer() -> bytes:
+    """A GLB whose mesh data lives in a file next to it: unusable when only bytes travel."""
+    import json
+    import struct
+
+    gltf = {
+        "asset": {"version": "2.0"},
+        "buffers": [{"uri": "external.bin", "byteLength": 36}],
+        "bufferViews": [{"buffer": 0, "byteOffset": 0, "byteLength": 36}],
+        "accessors": [{"bufferView": 0, "componentType": 5126, "count": 3, "type": "VEC3",
+                       "min": [0, 0, 0], "max": [1, 1, 0]}],
+        "meshes": [{"primitives": [{"attributes": {"POSITION": 0}}]}],
+        "nodes": [{"mesh": 0}],
+        "scenes": [{"nodes": [0]}],
+    }
+    body = json.dumps(gltf).encode()
+    body += b" " * (-len(body) % 4)
+    return struct.pack("<III", 0x46546C67, 2, 12 + 8 + len(body)) + struct.pack("<II", len(body), 0x4E4F534A) + body
+
+
 class Stack:
     """A broker and workers as separate processes, torn down by `procs`."""
 
@@ -117,6 +149,12 @@ def test_batch_with_bad_items_keeps_going(stack, tmp_path):
     text.write_text("this is neither an image nor a mesh\n")
     nan_obj = tmp_path / "nan.obj"
     nan_obj.write_text("v nan 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_declaring(40_000, 40_000))
+    external = tmp_path / "external.glb"
+    external.write_bytes(_glb_with_external_buffer())
+    not_a_dir = tmp_path / "file.txt"
+    not_a_dir.write_text("a file where a folder should be\n")
     good = sample("image")
     requests = [
         _request(tmp_path, good, "good_a", backend="silhouette"),
@@ -130,6 +168,9 @@ def test_batch_with_bad_items_keeps_going(stack, tmp_path):
         _request(tmp_path, good, "../escape", backend="silhouette"),
         _request(tmp_path, good, "bad_mass", backend="silhouette", mass_kg=-1.0),
         _request(tmp_path, good, "good_b", backend="silhouette", scene_id="s2"),
+        _request(tmp_path, bomb, "bomb", backend="silhouette"),
+        _request(tmp_path, external, "external", backend="mesh"),
+        GeometryRequest(image_path=str(good), output_dir=str(not_a_dir / "out"), backend="silhouette"),
     ]
     with stack.client() as client:
         stack.wait_ready(client, {"silhouette": 1, "mesh": 1})
@@ -137,7 +178,7 @@ def test_batch_with_bad_items_keeps_going(stack, tmp_path):
         assert sorted(results) == list(range(len(requests))), "every item gets exactly one result"
         expect_stage = {
             1: "input", 2: "input", 3: "input", 4: "input", 5: "input",
-            6: "input", 7: "transport", 8: "input", 9: "input",
+            6: "input", 7: "transport", 8: "input", 9: "input", 11: "input", 12: "input", 13: "input",
         }
         for index, stage in expect_stage.items():
             result = results[index]
@@ -146,6 +187,8 @@ def test_batch_with_bad_items_keeps_going(stack, tmp_path):
             assert result.error and len(result.error) > 10
         assert results[6].error_code == "unknown_backend"
         assert results[7].error_code == "no_worker"
+        assert results[11].error_code == "image_too_large"
+        assert results[12].error_code == "bad_mesh" and "external" in results[12].error
         for index in (0, 10):
             assert results[index].ok, results[index].error
             validate_sdf(Path(results[index].sdf_path))
