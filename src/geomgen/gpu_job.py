@@ -16,7 +16,7 @@ from pathlib import Path
 import zmq
 
 from geomgen import protocol
-from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
+from geomgen.backends.base import Backend, GenerationInput, GenerationOutput, scoped_options
 from geomgen.errors import GeomgenError, Stage
 
 log = logging.getLogger("geomgen.gpu_worker")
@@ -80,7 +80,7 @@ def run_job(backend: Backend, backend_name: str, job: protocol.Job, channel: Job
             input_data=job.input_data,
             work_dir=work_dir,
             prompt=job.prompt,
-            options=dict(job.options),
+            options=scoped_options(job.options, backend_name),
             sam3d_config=job.sam3d_config,
             debug=job.debug,
             progress=progress,

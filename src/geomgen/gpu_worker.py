@@ -21,7 +21,7 @@ import zmq
 
 from geomgen import __version__, defaults, gpu_job, protocol
 from geomgen.backends import load_backend_class
-from geomgen.backends.base import Backend
+from geomgen.backends.base import Backend, scoped_options
 from geomgen.endpoints import Endpoints
 from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import BackendUnavailable, GeomgenError, InputError, ProtocolError, Stage, UnknownBackend
@@ -353,7 +353,7 @@ def main(
     cls = None
     try:
         cls = load_backend_class(backend)
-        instance = cls(backend_options)
+        instance = cls(scoped_options(backend_options or {}, backend))
         load_started_s = time.monotonic()
         instance.load()
     except GeomgenError as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
+
+from geomgen.errors import InputError
 
 
 @dataclass
@@ -69,9 +71,35 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def generate(self, job: GenerationInput) -> GenerationOutput:
-        """Produce the GLB. Raise InputError for a bad input, GenerateError for
-        a failure of the method; any other exception is reported as a
-        generate-stage error and the worker serves the next job."""
+        """Produce the GLB. ``job.options`` hold this request's overrides,
+        already scoped to this backend (see scoped_options). Raise InputError
+        for a bad input, GenerateError for a failure of the method; any other
+        exception is reported as a generate-stage error and the worker serves
+        the next job."""
 
     def close(self) -> None:
         """Release models; called when the worker stops."""
+
+
+def scoped_options(options: dict[str, Any], backend: str) -> dict[str, Any]:
+    """The options meant for ``backend``: plain keys, and ``BACKEND.KEY`` keys
+    with this backend's prefix (prefix removed). Keys scoped to another backend
+    are left to it, so one batch can carry options for several backends
+    (``silhouette.height_m=0.3`` beside ``mesh.unit=mm``)."""
+    own: dict[str, Any] = {}
+    for key, value in options.items():
+        prefix, dot, rest = str(key).partition(".")
+        if not dot:
+            own[key] = value
+        elif prefix == backend:
+            own[rest] = value
+    return own
+
+
+def unknown_options_error(backend: str, unknown: list[str], known: tuple[str, ...]) -> InputError:
+    """The error for option names a backend does not know, with the scoping hint."""
+    return InputError(
+        f"unknown {backend} backend option(s) {', '.join(unknown)}; known: {', '.join(known)} "
+        f"(to give an option to one backend only, write BACKEND.KEY=VALUE, e.g. silhouette.height_m=0.3)",
+        code="bad_option",
+    )

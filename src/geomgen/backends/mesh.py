@@ -8,35 +8,12 @@ import math
 import time
 from typing import Any
 
-from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
+from geomgen.backends.base import Backend, GenerationInput, GenerationOutput, scoped_options, unknown_options_error
 from geomgen.errors import InputError
 
 # Length units a file may be written in -> metres per unit.
 UNIT_SCALE_M = {"m": 1.0, "cm": 0.01, "mm": 0.001, "in": 0.0254}
 OPTION_NAMES = ("up_axis", "scale", "unit")
-
-
-def scoped_options(options: dict[str, Any], backend: str) -> dict[str, Any]:
-    """The options meant for ``backend``: plain keys, and ``BACKEND.KEY`` keys
-    with this backend's prefix (prefix removed). Keys scoped to another backend
-    are left to it, so one batch can carry options for several backends
-    (``silhouette.height_m=0.3`` beside ``mesh.unit=mm``)."""
-    own: dict[str, Any] = {}
-    for key, value in options.items():
-        prefix, dot, rest = str(key).partition(".")
-        if not dot:
-            own[key] = value
-        elif prefix == backend:
-            own[rest] = value
-    return own
-
-
-def unknown_options_error(backend: str, unknown: list[str], known: tuple[str, ...]) -> InputError:
-    return InputError(
-        f"unknown {backend} backend option(s) {', '.join(unknown)}; known: {', '.join(known)} "
-        f"(to give an option to one backend only, write BACKEND.KEY=VALUE, e.g. silhouette.height_m=0.3)",
-        code="bad_option",
-    )
 
 
 def parse_mesh_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +23,7 @@ def parse_mesh_options(options: dict[str, Any]) -> dict[str, Any]:
     request: ``up_axis`` y|z (default y), ``scale`` (a number > 0), ``unit``
     (m, cm, mm, in: the file's unit, a scale to metres). ``unit`` and
     ``scale`` multiply. Keys may be scoped as ``mesh.KEY`` (see
-    scoped_options). Raises InputError ``bad_option``.
+    backends.base.scoped_options). Raises InputError ``bad_option``.
     """
     options = scoped_options(options, "mesh")
     unknown = sorted(set(options) - set(OPTION_NAMES))

@@ -43,8 +43,8 @@ def parse_silhouette_options(options: dict[str, Any]) -> dict[str, Any]:
     default MESH_PX), ``texture_px`` (64-4096, default TEXTURE_PX), ``flat_base``
     (true/false, default true: the solid stands on a flat footprint). Values may be
     strings (``--backend-option``); keys may be scoped as ``silhouette.KEY``
-    (see geomgen.backends.mesh.scoped_options). Raises InputError ``bad_option``."""
-    from geomgen.backends.mesh import scoped_options, unknown_options_error
+    (see geomgen.backends.base.scoped_options). Raises InputError ``bad_option``."""
+    from geomgen.backends.base import scoped_options, unknown_options_error
 
     options = scoped_options(options, "silhouette")
     unknown = sorted(set(options) - set(OPTION_NAMES))
