@@ -10,7 +10,11 @@ Two parts:
    worker's start-up to READY, then seconds per job for JOBS sequential
    requests (GLB from the worker, SDF with one convex hull).
 
-    python benchmarks/bench_hunyuan3d.py [--jobs 5] [--repeats 5] [--json]
+    python benchmarks/bench_hunyuan3d.py [--jobs 5] [--repeats 5] [--threads N] [--json]
+
+``--threads`` sets torch's intra-op threads here and in the worker (through
+OMP_NUM_THREADS); on a small machine shared with other work one thread gives
+steadier figures than torch's default of one per core.
 
 On a GPU machine with the published weights under $HY3DGEN_MODELS, ``--real``
 instead times the real model on the package's RGBA sample images: load seconds,
@@ -56,6 +60,8 @@ def in_process(root: Path, repeats: int, work: Path) -> dict:
     from geomgen.backends.base import GenerationInput
     from geomgen.backends.hunyuan3d import Hunyuan3DBackend
 
+    import torch
+
     start = time.perf_counter()
     backend = Hunyuan3DBackend({"model": "tiny", "subfolder": "tiny-dit", "device": "cpu", "texture": "off"})
     backend.load()
@@ -63,20 +69,23 @@ def in_process(root: Path, repeats: int, work: Path) -> dict:
     image = object_png(alpha=True, size_px=256)
     per_octree = {}
     for octree in OCTREES:
-        times, steps = [], {}
+        times, cpu_times, steps = [], [], {}
         for i in range(repeats + 1):  # the first call warms caches and is dropped
             job = GenerationInput("object.png", image, work, options={"octree_resolution": octree})
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             output = backend.generate(job)
             if i:
                 times.append(time.perf_counter() - start)
+                cpu_times.append(time.process_time() - start_cpu)
                 for key, value in output.info["seconds"].items():
                     steps.setdefault(key, []).append(value)
-        per_octree[str(octree)] = {**_summary(times), "faces": output.info["faces"],
+        per_octree[str(octree)] = {**_summary(times), "cpu_median_s": round(statistics.median(cpu_times), 4),
+                                   "faces": output.info["faces"],
                                    "raw_faces": output.info["raw_faces"],
                                    "step_median_s": {k: round(statistics.median(v), 4) for k, v in steps.items()}}
     backend.close()
-    return {"import_s": round(import_s, 2), "load_s": round(load_s, 3), "generate": per_octree}
+    return {"import_s": round(import_s, 2), "load_s": round(load_s, 3), "torch_threads": torch.get_num_threads(),
+            "generate": per_octree}
 
 
 def through_stack(root: Path, jobs: int, work: Path) -> dict:
@@ -174,11 +183,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5, help="sequential jobs through the stack")
     parser.add_argument("--repeats", type=int, default=5, help="timed generate() calls per octree resolution")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print the raw figures as JSON")
     parser.add_argument("--real", action="store_true", help="time the published model on CUDA instead")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="hunyuan3d option for --real (repeatable)")
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch here and in the worker process
     if args.real:
         options = dict(item.split("=", 1) for item in args.option)
         with tempfile.TemporaryDirectory(prefix="bench-hy3d-") as tmp:
@@ -199,10 +211,12 @@ def main() -> None:
     ip, st = report["in_process"], report["stack"]
     print(f"machine: {report['machine']}; 1-minute load average {report['load_average_before']:.1f} before, "
           f"{report['load_average_after']:.1f} after (other processes share the cores)")
-    print(f"import torch + hy3dgen: {ip['import_s']} s; load() of the tiny model: {ip['load_s']} s")
+    print(f"import torch + hy3dgen: {ip['import_s']} s; load() of the tiny model: {ip['load_s']} s; "
+          f"torch threads: {ip['torch_threads']}")
     for octree, row in ip["generate"].items():
         print(f"generate, octree {octree}: median {row['median_s']} s (min {row['min_s']}, max {row['max_s']}, "
-              f"n {row['n']}), {row['raw_faces']} -> {row['faces']} faces, steps {row['step_median_s']}")
+              f"n {row['n']}; CPU {row['cpu_median_s']} s), {row['raw_faces']} -> {row['faces']} faces, "
+              f"steps {row['step_median_s']}")
     print(f"stack: worker start to READY {st['worker_ready_s']} s; per job (GLB + hull SDF) median "
           f"{st['per_job']['median_s']} s (generate {st['generate_s_median']} s, convert {st['convert_s_median']} s)")
 
