@@ -180,7 +180,8 @@ def _backends() -> list[Check]:
     from geomgen.backends import backend_names, load_backend_class
     from geomgen.errors import GeomgenError
 
-    cuda = _cuda_available()
+    torch, torch_problem = _import("torch")
+    cuda = bool(torch is not None and torch.cuda.is_available())
     checks = []
     for name in backend_names():
         try:
@@ -194,17 +195,14 @@ def _backends() -> list[Check]:
             continue
         if reason is not None:
             checks.append(Check(f"backend {name}", False, reason))
+        elif cls.uses_gpu and torch is None:
+            checks.append(Check(f"backend {name}", False, f"torch {torch_problem}"))
         elif cls.uses_gpu and not cuda:
             checks.append(Check(f"backend {name}", False, "installed and ready, but no CUDA device is visible here"))
         else:
             kind = "GPU" if cls.uses_gpu else "CPU"
             checks.append(Check(f"backend {name}", True, f"can load ({kind}, {cls.input_kind} input)"))
     return checks
-
-
-def _cuda_available() -> bool:
-    torch, _ = _import("torch")
-    return bool(torch is not None and torch.cuda.is_available())
 
 
 def main(argv: list[str] | None = None) -> int:
