@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from geomgen.geometry.options import ConvertOptions  # noqa: E402
+from geomgen.geometry.options import ConvertOptions
 
 ASSETS = REPO.parent / "shared" / "data" / "scenesmith_assets"
 MESHES = ("coffee_mug", "king_bed", "office_chair", "printer", "work_desk")
@@ -137,7 +137,7 @@ def _pool_worker(jobs, done, barrier) -> None:
         try:
             convert_mesh(glb, f"{name}.glb", Path(out_dir), name, ConvertOptions())
             done.put((name, time.perf_counter() - start))
-        except Exception as exc:  # reported by the parent, which fails the run
+        except Exception as exc:  # noqa: BLE001 - any failure is reported to the parent, which fails the run
             done.put((name, f"{type(exc).__name__}: {exc}"))
 
 

@@ -7,7 +7,7 @@ boolean union), optionally textured with a small checker image.
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import trimesh

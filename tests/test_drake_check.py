@@ -14,9 +14,14 @@ import pytest
 import trimesh
 
 from geomgen.errors import ConvertError, Stage
-from geomgen.geometry.drake_check import GLTF_TO_DRAKE, PRECISE_IOU_CELLS, collision_iou, drop_test, validate_sdf
+from geomgen.geometry.drake_check import (
+    GLTF_TO_DRAKE,
+    PRECISE_IOU_CELLS,
+    collision_iou,
+    drop_test,
+    validate_sdf,
+)
 from geomgen.geometry.voxel_sampling import Grid, inside_convex_hull, inside_mesh, iou
-
 from tests.conftest import SHARED_DATA
 from tests.shapes import box_mesh
 

@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 import trimesh
 
-from geomgen.geometry.drake_check import PRECISE_IOU_CELLS, collision_iou, drop_test, validate_sdf
+from geomgen.geometry.drake_check import (
+    PRECISE_IOU_CELLS,
+    collision_iou,
+    drop_test,
+    validate_sdf,
+)
 from geomgen.geometry.options import ConvertOptions
 from tests.conftest import SHARED_DATA
 from tests.shapes import SHAPES, shape_glb

@@ -170,7 +170,7 @@ def validate_sdf(sdf_path: Path) -> dict:
     are Drake's parser warnings. Raises ConvertError (code ``drake_rejected``)
     with Drake's message otherwise.
     """
-    diagram, plant, scene_graph, model, warnings = _load(sdf_path)
+    _, plant, _, model, warnings = _load(sdf_path)
     name = Path(sdf_path).name
     inertia_warnings = [_drake_sentence(w) for w in warnings if "inertia" in w.lower()]
     if inertia_warnings:
@@ -333,7 +333,7 @@ def collision_iou(sdf_path: Path, pitch_m: float | None = None, cells: int = IOU
     """
     import trimesh
 
-    diagram, plant, scene_graph, model, _ = _load(sdf_path)
+    _, plant, scene_graph, model, _ = _load(sdf_path)
     name = Path(sdf_path).name
     context = plant.CreateDefaultContext()
     inspector = scene_graph.model_inspector()
@@ -356,7 +356,12 @@ def collision_iou(sdf_path: Path, pitch_m: float | None = None, cells: int = IOU
         pitch_m = float(visual.extents.max()) / cells
     if not (pitch_m > 0 and math.isfinite(pitch_m)):
         raise ValueError(f"pitch_m must be > 0, got {pitch_m}")
-    from geomgen.geometry.voxel_sampling import Grid, inside_convex_hull, inside_mesh, iou
+    from geomgen.geometry.voxel_sampling import (
+        Grid,
+        inside_convex_hull,
+        inside_mesh,
+        iou,
+    )
 
     grid = Grid.around(lo, hi, pitch_m)
     inside_visual = inside_mesh(np.asarray(visual.vertices), np.asarray(visual.faces), grid)

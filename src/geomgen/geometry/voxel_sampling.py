@@ -20,7 +20,7 @@ class Grid:
     shape: tuple[int, int, int]
 
     @classmethod
-    def around(cls, lo: np.ndarray, hi: np.ndarray, pitch_m: float) -> "Grid":
+    def around(cls, lo: np.ndarray, hi: np.ndarray, pitch_m: float) -> Grid:
         """A grid whose voxels cover the box ``lo`` .. ``hi`` (each (3,), metres)."""
         # The tiny irrational shift keeps voxel centres off the edges and
         # vertices of axis-aligned meshes, where a ray would cross two triangles.
