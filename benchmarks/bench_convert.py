@@ -141,14 +141,17 @@ def _pool_worker(jobs, done, barrier) -> None:
             done.put((name, f"{type(exc).__name__}: {exc}"))
 
 
-def pool_seconds(processes: int, meshes: list[str], glbs: dict[str, bytes], tmp: Path) -> tuple[float, dict[str, float]]:
+def pool_seconds(processes: int, meshes: list[str], glbs: dict[str, bytes], tmp: Path,
+                 threads: int) -> tuple[float, dict[str, float]]:
     """Wall seconds for ``processes`` conversion processes to convert ``meshes``
     with default options, each taking the next job when free, largest input
-    first; also each job's own seconds.
+    first; also each job's own seconds. ``threads``: OpenMP threads per
+    process (CoACD is multithreaded).
 
     Plain (non-daemonic) processes, as an SDF worker's are: a conversion runs
     its decomposition in a child process of its own.
     """
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned processes and their children
     context = multiprocessing.get_context("spawn")
     jobs, done = context.Queue(), context.Queue()
     barrier = context.Barrier(processes + 1)
@@ -177,16 +180,25 @@ def pool_seconds(processes: int, meshes: list[str], glbs: dict[str, bytes], tmp:
 
 
 def pool_speedup(meshes: list[str], glbs: dict[str, bytes], tmp: Path) -> dict:
-    one_s, one_jobs = pool_seconds(1, meshes, glbs, tmp)
-    two_s, two_jobs = pool_seconds(2, meshes, glbs, tmp)
-    ratio = two_s / one_s
-    # No schedule of these jobs on two processes beats max(longest job, half the total).
-    best_ratio = max(max(one_jobs.values()), sum(one_jobs.values()) / 2) / one_s
-    print(f"  pool: 1 process {one_s:.1f} s, 2 processes {two_s:.1f} s, ratio {ratio:.2f} "
-          f"(goal <= {GOAL_POOL_RATIO}; best possible for these jobs {best_ratio:.2f})")
-    return {"one_process_s": round(one_s, 2), "two_processes_s": round(two_s, 2), "ratio": round(ratio, 3),
-            "best_possible_ratio": round(best_ratio, 3), "goal_met": ratio <= GOAL_POOL_RATIO,
-            "job_s_one_process": one_jobs, "job_s_two_processes": two_jobs}
+    """One vs two conversion processes, in two set-ups: one OpenMP thread per
+    process (how the pool scales with processes), and the cores shared out
+    among the processes as `geomgen sdf-worker` does (cores // procs threads
+    each), where one process alone already uses every core."""
+    cores = os.cpu_count() or 1
+    out = {}
+    for label, threads_of in (("one_thread_each", lambda n: 1), ("cores_shared", lambda n: max(1, cores // n))):
+        one_s, one_jobs = pool_seconds(1, meshes, glbs, tmp, threads_of(1))
+        two_s, two_jobs = pool_seconds(2, meshes, glbs, tmp, threads_of(2))
+        ratio = two_s / one_s
+        # No schedule of these jobs on two processes beats max(longest job, half the total).
+        best_ratio = max(max(one_jobs.values()), sum(one_jobs.values()) / 2) / one_s
+        print(f"  pool ({label}): 1 process {one_s:.1f} s, 2 processes {two_s:.1f} s, ratio {ratio:.2f} "
+              f"(goal <= {GOAL_POOL_RATIO}; best possible for these jobs {best_ratio:.2f})")
+        out[label] = {"threads_one_process": threads_of(1), "threads_per_process_of_two": threads_of(2),
+                      "one_process_s": round(one_s, 2), "two_processes_s": round(two_s, 2), "ratio": round(ratio, 3),
+                      "best_possible_ratio": round(best_ratio, 3), "goal_met": ratio <= GOAL_POOL_RATIO,
+                      "job_s_one_process": one_jobs, "job_s_two_processes": two_jobs}
+    return out
 
 
 def _cpu_model() -> str:

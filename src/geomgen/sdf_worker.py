@@ -344,7 +344,14 @@ def main(
     worker_id: str | None = None,
 ) -> int:
     """Run an SDF worker until SIGTERM/SIGINT. Returns the exit code: 0 after a
-    clean stop, 2 when conversion processes cannot start here."""
+    clean stop, 2 when conversion processes cannot start here.
+
+    CoACD runs OpenMP threads; ``procs`` conversions at once each get
+    cores // procs of them (unless OMP_NUM_THREADS is set), so a full pool does
+    not oversubscribe the cores. Set here, before any conversion process starts,
+    so that every one of them inherits it.
+    """
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, procs))))
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
