@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import machine  # noqa: E402
 from geomgen import protocol  # noqa: E402
 from geomgen.endpoints import Endpoints  # noqa: E402
 from tests.conftest import free_base_port  # noqa: E402
@@ -230,7 +230,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         result = {
-            "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
+            "machine": machine(),
             "broker_alone": broker_alone(args.jobs),
             "full_pipeline": full_pipeline(args.pipeline_jobs, Path(tmp)),
         }
@@ -243,16 +243,6 @@ def _cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process, from /proc (Linux)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import io
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine  # noqa: E402
 from geomgen.geometry.options import ConvertOptions
 
 ASSETS = REPO.parent / "shared" / "data" / "scenesmith_assets"
@@ -201,16 +201,6 @@ def pool_speedup(meshes: list[str], glbs: dict[str, bytes], tmp: Path) -> dict:
     return out
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def print_table(result: dict) -> None:
     runs = result["comparison"]["runs"]
     labels = list(runs)
@@ -237,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
         result = {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "machine": {"cpus": os.cpu_count(), "processor": _cpu_model(), "python": platform.python_version()},
+            "machine": machine(),
             "load_average_at_start": os.getloadavg(),
         }
         if not args.pool_only:

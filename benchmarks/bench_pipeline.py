@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_broker import _cpu_model  # noqa: E402
+from benchmarks.machine import cpu_model  # noqa: E402
 from geomgen import GeometryClient, GeometryRequest  # noqa: E402
 from geomgen.endpoints import Endpoints  # noqa: E402
 from geomgen.geometry.convert import convert_mesh  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
     ideal = args.jobs * args.t / 2 + single_s
     row.update(
         jobs=args.jobs, t_s=args.t, collision=args.collision, one_conversion_s=single_s, ideal_s=ideal,
-        ratio=row["makespan_s"] / ideal, cpus=os.cpu_count(), processor=_cpu_model(), input=SAMPLE_MESH.name,
+        ratio=row["makespan_s"] / ideal, cpus=os.cpu_count(), processor=cpu_model(), input=SAMPLE_MESH.name,
     )
     print(json.dumps(row, indent=2))
     print(f"makespan {row['makespan_s']:.2f} s / ideal {ideal:.2f} s = {row['ratio']:.3f} (goal <= 1.10)")
