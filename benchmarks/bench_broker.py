@@ -11,8 +11,11 @@ synthetic workers as requests in flight so it measures routing, not queueing.
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -90,8 +93,13 @@ class Harness:
             while sock.poll(0):
                 sock.recv_multipart()
 
-    def run(self, jobs: int, in_flight: int) -> dict:
+    def run(self, jobs: int, in_flight: int, hold_s: float = 0.0) -> dict:
+        """``jobs`` requests, ``in_flight`` kept outstanding; each synthetic
+        worker holds its job 0.5-1.5 x ``hold_s`` before answering (a stand-in
+        for GPU time)."""
         sent_at: dict[str, float] = {}
+        held: list[tuple[float, int, zmq.Socket, list[bytes]]] = []  # heap of (due, seq, socket, reply frames)
+        jitter = random.Random(0)
         latencies: list[float] = []
         next_id = 0
         done = 0
@@ -112,8 +120,12 @@ class Harness:
             send_one()
         worker_of = {sock: wid for sock, wid in self.workers}
         while done < jobs:
-            events = dict(self.poller.poll(5000))
-            if not events:
+            wait_ms = 5000 if not held else max(0, math.ceil((held[0][0] - time.perf_counter()) * 1e3))
+            events = dict(self.poller.poll(wait_ms))
+            while held and held[0][0] <= time.perf_counter():
+                _, _, sock, frames = heapq.heappop(held)
+                sock.send_multipart(frames)
+            if not events and not held and wait_ms == 5000:
                 raise RuntimeError(f"stalled after {done} of {jobs} jobs")
             for sock, wid in self.workers:
                 if sock in events:
@@ -123,7 +135,12 @@ class Harness:
                         rid = msg.input_name[:-4]
                         latencies.append(time.perf_counter() - sent_at[rid])
                         reply = protocol.JobResult(job_id=msg.job_id, attempt=msg.attempt, ok=True, glb=self.glb)
-                        sock.send_multipart(protocol.encode(reply))
+                        if hold_s > 0:
+                            # GPU times vary; identical holds would keep all workers in lockstep bursts.
+                            due = time.perf_counter() + hold_s * jitter.uniform(0.5, 1.5)
+                            heapq.heappush(held, (due, len(latencies), sock, protocol.encode(reply)))
+                        else:
+                            sock.send_multipart(protocol.encode(reply))
                     elif cmd is protocol.Command.HEARTBEAT:
                         sock.send_multipart(protocol.encode(protocol.WorkerHeartbeat(worker_id=worker_of[sock])))
             if self.client in events:
@@ -140,6 +157,7 @@ class Harness:
         return {
             "jobs": jobs,
             "in_flight": in_flight,
+            "hold_s": hold_s,
             "seconds": elapsed,
             "jobs_per_s": jobs / elapsed,
             "dispatch_p50_ms": 1e3 * statistics.median(latencies),
@@ -152,24 +170,33 @@ class Harness:
         self.ctx.destroy(linger=0)
 
 
+# (requests in flight, seconds each synthetic worker holds a job). Held jobs make
+# "in flight" mean jobs at workers, as with real GPU time; with no hold, every
+# request in flight is waiting on the broker or the harness (a saturation test).
+SCENARIOS = ((1, 0.0), (10, 0.0), (100, 0.0), (100, 0.1))
+
+
 def broker_alone(jobs: int) -> list[dict]:
     rows = []
-    for in_flight in (1, 10, 100):
+    for in_flight, hold_s in SCENARIOS:
         endpoints = Endpoints.from_base("127.0.0.1", free_base_port())
         broker = start_broker(endpoints)
         try:
             harness = Harness(endpoints, n_workers=in_flight)
             harness.wait_workers()
-            harness.run(min(jobs, 200), in_flight)  # warm-up
+            harness.run(min(jobs, 200), in_flight, hold_s)  # warm-up
             cpu_before_s = _cpu_seconds(broker.pid)
-            rows.append(harness.run(jobs if in_flight > 1 else max(500, jobs // 5), in_flight))
+            count = jobs if in_flight > 1 else max(500, jobs // 5)
+            if hold_s:
+                count = min(count, int(30 * in_flight / hold_s))  # about 30 s at most
+            rows.append(harness.run(count, in_flight, hold_s))
             # The broker's own CPU per job: what it could sustain on one core, apart from this harness.
             rows[-1]["broker_cpu_ms_per_job"] = 1e3 * (_cpu_seconds(broker.pid) - cpu_before_s) / rows[-1]["jobs"]
             harness.close()
         finally:
             broker.terminate()
             broker.wait(timeout=10)
-        print(f"broker alone   in_flight={in_flight:>3}: {rows[-1]['jobs_per_s']:8.0f} jobs/s  "
+        print(f"broker alone   in_flight={in_flight:>3} hold={hold_s:.2f} s: {rows[-1]['jobs_per_s']:8.0f} jobs/s  "
               f"dispatch p50 {rows[-1]['dispatch_p50_ms']:.2f} ms  p99 {rows[-1]['dispatch_p99_ms']:.2f} ms  "
               f"broker CPU {rows[-1]['broker_cpu_ms_per_job']:.3f} ms/job")
     return rows
