@@ -111,7 +111,7 @@ class Harness:
             next_id += 1
             msg = protocol.ClientRequest(
                 request_id=rid, backend=BACKEND, input_name=f"{rid}.glb", input_data=b"x",
-                output_name=rid, want_sdf=False,
+                output_name=rid, want_sdf=False, events=False,  # as GeometryClient.generate() asks
             )
             sent_at[rid] = time.perf_counter()
             self.client.send_multipart(protocol.encode(msg))

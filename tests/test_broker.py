@@ -635,6 +635,19 @@ def test_killed_sdf_worker_job_goes_to_another(start_broker, peers):
     assert results["r1"].ok and results["r1"].attempts == 2
 
 
+def test_results_only_request_gets_glb_ready_and_final(start_broker, peers):
+    start_broker()
+    worker, sdf, client = peers.worker(), peers.sdf(), peers.client()
+    client.request("r1", events=False)
+    job = worker.take()
+    worker.outbox.put(JobProgress(job.job_id, job.attempt, "shape done"))
+    worker.reply(job, glb=b"THE-GLB")
+    sdf.reply(sdf.take())
+    events, result = client.final("r1")
+    assert kinds(events) == ["glb_ready"] and events[0].glb == b"THE-GLB"
+    assert result.ok
+
+
 def test_sdf_job_handed_back_busy_is_pushed_again_uncounted(start_broker, peers):
     """PUSH may hand a job to a worker whose slots are all taken; it answers
     "busy" and the broker pushes the same attempt again, to whoever is next."""

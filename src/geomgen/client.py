@@ -178,18 +178,23 @@ class GeometryClient:
 
     def generate(self, requests: Iterable[GeometryRequest]) -> Iterator[tuple[int, GeometryResult]]:
         """Yield ``(index, result)`` for every request, in completion order."""
-        for event in self.generate_events(requests):
+        # Results only: the broker then spares two to four event messages per item.
+        for event in self.generate_events(requests, progress_events=False):
             if event.kind == FINAL:
                 assert event.result is not None
                 yield event.index, event.result
 
     generate_geometries = generate  # the old client's name
 
-    def generate_events(self, requests: Iterable[GeometryRequest]) -> Iterator[GeometryEvent]:
+    def generate_events(self, requests: Iterable[GeometryRequest],
+                        progress_events: bool = True) -> Iterator[GeometryEvent]:
         """Yield every GeometryEvent of the batch; exactly one ``final`` per request.
 
         Items failing client-side checks get their final event (stage input)
         without being sent. Leaving the loop early cancels what is outstanding.
+        ``progress_events=False`` asks the broker for ``glb_ready`` and
+        ``final`` only (no queued / generating / progress / converting /
+        retrying events).
         """
         requests = list(requests)
         call_id = uuid.uuid4().hex[:8]
@@ -205,7 +210,7 @@ class GeometryClient:
                 while next_index < len(requests) and len(outstanding) < self.max_in_flight:
                     index, next_index = next_index, next_index + 1
                     try:
-                        item = self._prepare(index, requests[index], f"{call_id}-{index}")
+                        item = self._prepare(index, requests[index], f"{call_id}-{index}", progress_events)
                         if not self._send_frames(item.frames):
                             raise TransportError(f"the queue towards the broker at {self.address} is full",
                                                  code="queue_full")
@@ -313,7 +318,7 @@ class GeometryClient:
 
     # --- client-side checks -------------------------------------------------------
 
-    def _prepare(self, index: int, request: GeometryRequest, request_id: str) -> _Item:
+    def _prepare(self, index: int, request: GeometryRequest, request_id: str, progress_events: bool = True) -> _Item:
         """Check one request and build its REQUEST frames; raises InputError or TransportError."""
         checked = check_request(index, request)
         target = (checked.output_dir.resolve(), checked.stem)
@@ -327,7 +332,7 @@ class GeometryClient:
             output_name=checked.stem, prompt=request.prompt, scene_id=request.scene_id,
             backend_options=dict(request.backend_options), sam3d_config=request.sam3d_config,
             convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
-            no_worker_timeout_s=None if timeout_s is None else float(timeout_s),
+            no_worker_timeout_s=None if timeout_s is None else float(timeout_s), events=progress_events,
         )
         self._claimed[target] = index
         return _Item(index, request, request_id, checked.output_dir, checked.stem, backend,

@@ -132,6 +132,8 @@ class Dispatcher:
 
     def _event(self, job: JobRecord, kind: EventKind, *, attempt: int | None = None, detail: str = "",
                glb: bytes | None = None, timings: dict | None = None, worker: str = "") -> None:
+        if not job.request.events and kind is not EventKind.GLB_READY:
+            return  # the client asked for results only; glb_ready carries the GLB itself
         attempt = attempt if attempt is not None else max(1, job.attempt)
         # DEBUG: at thousands of jobs a second, a log record per event costs more than the event.
         log.debug("job %s request %s: %s (attempt %d) %s", job.job_id, job.request.request_id, kind.value, attempt,

@@ -85,6 +85,7 @@ class ClientRequest:
     want_sdf: bool = True
     debug: bool = False
     no_worker_timeout_s: float | None = None
+    events: bool = True  # False: only the glb_ready PARTIAL (it carries the GLB) and the FINAL
 
 
 @dataclass
