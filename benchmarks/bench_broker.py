@@ -131,7 +131,7 @@ class Harness:
                 sock.send_multipart(frames)
             if not events and not held and wait_ms == 5000:
                 raise RuntimeError(f"stalled after {done} of {jobs} jobs")
-            for sock, wid in self.workers:
+            for sock, _ in self.workers:
                 if sock in events:
                     frames = sock.recv_multipart()
                     cmd, msg = protocol.decode(frames, protocol.BROKER_TO_WORKER)
