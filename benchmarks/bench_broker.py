@@ -3,7 +3,10 @@
 Client and synthetic GPU workers are played by this process over loopback TCP
 with the real protocol; the broker is `python -m geomgen broker`. Dispatch
 latency is client send -> worker receive, measured on one clock, with as many
-synthetic workers as requests in flight so it measures routing, not queueing.
+synthetic workers as requests in flight so it measures routing, not waiting
+for a worker; its percentiles are over the steady state (after the first N
+requests, which leave together), the burst reported apart. Workers answer at
+once (saturation) or hold each job for a jittered stand-in of GPU time.
 
     python benchmarks/bench_broker.py [--jobs 5000] [--json out.json]
 """
