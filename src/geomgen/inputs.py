@@ -75,7 +75,7 @@ def sniff_format(name: str, data: bytes) -> str:
     """
     if not data:
         raise InputError(f"{name}: the file is empty (0 bytes)", code="empty_input")
-    fmt = _format_from_magic(data)
+    fmt = format_from_magic(data)
     if fmt is not None:
         return fmt
     for magic, what in _FOREIGN_MAGIC:
@@ -105,7 +105,8 @@ def sniff_kind(name: str, data: bytes) -> str:
     return "image" if sniff_format(name, data) in IMAGE_FORMATS else "mesh"
 
 
-def _format_from_magic(data: bytes) -> str | None:
+def format_from_magic(data: bytes) -> str | None:
+    """The format name ("png", "jpeg", "glb", ...) its first bytes announce, or None."""
     head = data[:16]
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"

@@ -207,14 +207,13 @@ def _data_uri(uri: str, what: str) -> tuple[bytes, str]:
         raise InputError(f"the GLB's {what} has a corrupt base64 data URI", code="bad_mesh") from None
 
 
+_SUFFIX_OF_FORMAT = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+
+
 def _sniff_suffix(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return ".png"
-    if data.startswith(b"\xff\xd8"):
-        return ".jpg"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return ".bin"
+    from geomgen.inputs import format_from_magic
+
+    return _SUFFIX_OF_FORMAT.get(format_from_magic(data) or "", ".bin")
 
 
 def _renumber_views(node: Any, new_index: dict[int, int]) -> None:
