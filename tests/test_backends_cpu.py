@@ -1,5 +1,5 @@
 """The CPU backends (mesh, silhouette) on real files through the Backend
-interface, and the sam3d placeholder refusing to pretend."""
+interface, and sam3d refusing to start rather than pretend."""
 
 from __future__ import annotations
 

@@ -208,7 +208,8 @@ def demo(out_dir, collision, sdf_workers) -> None:
     requests = []
     for path in inputs:
         height_m, material = DEMO_SAMPLES.get(path.name, (None, None))
-        options = {"height_m": str(height_m)} if height_m and path.suffix.lower() in IMAGE_SUFFIXES else {}
+        # Scoped: on a GPU box "auto" may pick hunyuan3d for images, which has no height_m.
+        options = {"silhouette.height_m": str(height_m)} if height_m and path.suffix.lower() in IMAGE_SUFFIXES else {}
         requests.append(GeometryRequest(image_path=path, output_dir=out_dir, collision=collision,
                                         backend_options=options, material=material))
     with broker_address(None, choose_backends(inputs, "auto"), {}, sdf_workers, timeout_s=300.0) as address:
