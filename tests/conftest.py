@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,30 +15,15 @@ import pytest
 import zmq
 
 from geomgen.endpoints import Endpoints
+from geomgen.server import free_base_port as server_free_base_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def _ports_free(base: int, count: int) -> bool:
-    for port in range(base, base + count):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 def free_base_port(count: int = 4) -> int:
     """A base port with ``count`` consecutive free ports after it on 127.0.0.1."""
-    for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + count < 65535 and _ports_free(base, count):
-            return base
-    raise RuntimeError("no run of free ports found")
+    return server_free_base_port("127.0.0.1", count)
 
 
 @pytest.fixture
