@@ -17,15 +17,17 @@ import argparse
 import gc
 import heapq
 import json
-import math
+import multiprocessing
 import os
 import random
+import selectors
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import msgpack
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.machine import machine  # noqa: E402
 from geomgen import protocol  # noqa: E402
 from geomgen.endpoints import Endpoints  # noqa: E402
-from tests.conftest import free_base_port  # noqa: E402
+from geomgen.server import free_base_port  # noqa: E402
 
 BACKEND = "bench"
 
@@ -55,111 +57,161 @@ def start_broker(endpoints: Endpoints) -> subprocess.Popen:
     )
 
 
+def clock() -> float:
+    """CLOCK_MONOTONIC in seconds: one clock for every process on this machine,
+    so a send time taken by the client and a receive time taken by a worker compare."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def worker_farm(worker_url: str, n_workers: int, glb: bytes, control) -> None:
+    """N synthetic GPU workers (DEALER sockets) in one process, as a separate
+    program from the client, as real GPU workers are. Each records when it
+    received a job, answers it (at once, or after holding it), and answers the
+    broker's heartbeats. ``control`` (a multiprocessing connection) takes
+    ("hold", seconds), ("report",) -> {request number: receive time} since the
+    last report, and ("stop",)."""
+    ctx = zmq.Context()
+    # epoll over the sockets' ZMQ_FDs wakes for the sockets that have news, not a
+    # zmq_poll over all N: the farm's cost stays per message, whatever N is.
+    selector = selectors.EpollSelector()
+    workers: dict[zmq.Socket, str] = {}
+    for _ in range(n_workers):
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(worker_url)
+        wid = uuid.uuid4().hex
+        sock.send_multipart(protocol.encode(protocol.WorkerReady(worker_id=wid, backend=BACKEND)))
+        workers[sock] = wid
+        selector.register(sock.getsockopt(zmq.FD), selectors.EVENT_READ, sock)
+    selector.register(control.fileno(), selectors.EVENT_READ, None)
+    to_check = set(workers)  # ZMQ_FD is edge-like: after a wake-up or a send, read EVENTS until no POLLIN
+    received: dict[int, float] = {}
+    held: list[tuple[float, int, zmq.Socket, list[bytes]]] = []  # heap of (due, seq, socket, reply frames)
+    jitter = random.Random(0)
+    hold_s = 0.0
+    gc.disable()  # as timeit does: no collector pauses inside the timings
+    while True:
+        wait_s = 0 if to_check else 1.0 if not held else max(0.0, held[0][0] - clock())
+        for key, _ in selector.select(wait_s):
+            if key.data is not None:
+                to_check.add(key.data)
+        # Receive (and time) everything that is here before answering any of it:
+        # each real worker is its own process, waiting in recv, not behind the others.
+        arrived = []
+        for sock in to_check:
+            while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                arrived.append((sock, sock.recv_multipart(), clock()))
+        to_check.clear()
+        for sock, frames, now in arrived:
+            cmd = frames[0][protocol.HEADER_LEN - 1] if len(frames) == 2 else None
+            if cmd == protocol.Command.REQUEST:
+                # Only the three fields the answer needs: the load generator stays light
+                # so that the broker, not this process, is what the figures measure.
+                job = msgpack.unpackb(frames[1])
+                received[int(job["input_name"][1:-4])] = now
+                reply = protocol.encode(protocol.JobResult(job_id=job["job_id"], attempt=job["attempt"], ok=True,
+                                                           glb=glb))
+                if hold_s > 0:
+                    # GPU times vary; identical holds would keep all workers in lockstep bursts.
+                    heapq.heappush(held, (now + hold_s * jitter.uniform(0.5, 1.5), len(received), sock, reply))
+                    continue
+                sock.send_multipart(reply)
+            elif cmd == protocol.Command.HEARTBEAT:
+                sock.send_multipart(protocol.encode(protocol.WorkerHeartbeat(worker_id=workers[sock])))
+            to_check.add(sock)
+        while held and held[0][0] <= clock():
+            _, _, sock, frames = heapq.heappop(held)
+            sock.send_multipart(frames)
+            to_check.add(sock)
+        while control.poll():
+            order = control.recv()
+            if order[0] == "hold":
+                hold_s = order[1]
+            elif order[0] == "report":
+                control.send(received)
+                received = {}
+            elif order[0] == "stop":
+                for sock, wid in workers.items():
+                    sock.send_multipart(protocol.encode(protocol.Disconnect(reason="benchmark done", worker_id=wid)))
+                ctx.destroy(linger=0)
+                return
+
+
 class Harness:
-    """One client DEALER and N worker DEALERs in this process, one poller."""
+    """The client (one DEALER in this process) and a worker farm (a child process)."""
 
     def __init__(self, endpoints: Endpoints, n_workers: int):
+        self.n_workers = n_workers
         self.ctx = zmq.Context()
         self.client = self.ctx.socket(zmq.DEALER)
         self.client.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         self.client.setsockopt(zmq.LINGER, 0)
         self.client.connect(endpoints.client)
-        self.workers = []
-        for _ in range(n_workers):
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoints.worker)
-            wid = uuid.uuid4().hex
-            sock.send_multipart(protocol.encode(protocol.WorkerReady(worker_id=wid, backend=BACKEND)))
-            self.workers.append((sock, wid))
-        self.poller = zmq.Poller()
-        self.poller.register(self.client, zmq.POLLIN)
-        for sock, _ in self.workers:
-            self.poller.register(sock, zmq.POLLIN)
-        self.glb = tiny_glb()
+        mp = multiprocessing.get_context("spawn")
+        self.control, farm_end = mp.Pipe()
+        self.farm = mp.Process(target=worker_farm, args=(endpoints.worker, n_workers, tiny_glb(), farm_end),
+                               daemon=True)
+        self.farm.start()
 
-    def wait_workers(self, timeout_s: float = 10.0) -> None:
+    def wait_workers(self, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             self.client.send_multipart(protocol.encode(protocol.HealthQuery()))
             if self.client.poll(2000):
                 _, reply = protocol.decode(self.client.recv_multipart(), protocol.BROKER_TO_CLIENT)
                 if isinstance(reply, protocol.HealthReply):
-                    alive = reply.stats.get("backends", {}).get(BACKEND, {}).get("alive", 0)
-                    if alive >= len(self.workers):
+                    if reply.stats.get("backends", {}).get(BACKEND, {}).get("alive", 0) >= self.n_workers:
                         return
-            self._drain_workers()
+            time.sleep(0.1)
         raise RuntimeError("synthetic workers never became alive at the broker")
-
-    def _drain_workers(self) -> None:
-        for sock, _ in self.workers:
-            while sock.poll(0):
-                sock.recv_multipart()
 
     def run(self, jobs: int, in_flight: int, hold_s: float = 0.0) -> dict:
         """``jobs`` requests, ``in_flight`` kept outstanding; each synthetic
         worker holds its job 0.5-1.5 x ``hold_s`` before answering (a stand-in
         for GPU time)."""
-        sent_at: dict[str, float] = {}
-        held: list[tuple[float, int, zmq.Socket, list[bytes]]] = []  # heap of (due, seq, socket, reply frames)
-        jitter = random.Random(0)
-        latencies: list[tuple[int, float]] = []  # (request number, client send -> worker receive)
+        self.control.send(("hold", hold_s))
+        sent_at: list[float] = []
         next_id = 0
         done = 0
-        start = time.perf_counter()
 
         def send_one() -> None:
             nonlocal next_id
             rid = f"r{next_id}"
-            next_id += 1
             msg = protocol.ClientRequest(
                 request_id=rid, backend=BACKEND, input_name=f"{rid}.glb", input_data=b"x",
                 output_name=rid, want_sdf=False, events=False,  # as GeometryClient.generate() asks
             )
-            sent_at[rid] = time.perf_counter()
-            self.client.send_multipart(protocol.encode(msg))
+            frames = protocol.encode(msg)
+            sent_at.append(clock())
+            self.client.send_multipart(frames)
+            next_id += 1
 
-        # As timeit does: no collector pauses of this measuring process inside the timings.
         gc.collect()
-        gc.disable()
+        gc.disable()  # as timeit does: no collector pauses of this measuring process inside the timings
+        start = clock()
         for _ in range(min(in_flight, jobs)):
             send_one()
-        worker_of = {sock: wid for sock, wid in self.workers}
+        self.client.setsockopt(zmq.RCVTIMEO, 5000)
         while done < jobs:
-            wait_ms = 5000 if not held else max(0, math.ceil((held[0][0] - time.perf_counter()) * 1e3))
-            events = dict(self.poller.poll(wait_ms))
-            while held and held[0][0] <= time.perf_counter():
-                _, _, sock, frames = heapq.heappop(held)
-                sock.send_multipart(frames)
-            if not events and not held and wait_ms == 5000:
-                raise RuntimeError(f"stalled after {done} of {jobs} jobs")
-            for sock, _ in self.workers:
-                if sock in events:
-                    frames = sock.recv_multipart()
-                    cmd, msg = protocol.decode(frames, protocol.BROKER_TO_WORKER)
-                    if cmd is protocol.Command.REQUEST:
-                        rid = msg.input_name[:-4]
-                        latencies.append((int(rid[1:]), time.perf_counter() - sent_at[rid]))
-                        reply = protocol.JobResult(job_id=msg.job_id, attempt=msg.attempt, ok=True, glb=self.glb)
-                        if hold_s > 0:
-                            # GPU times vary; identical holds would keep all workers in lockstep bursts.
-                            due = time.perf_counter() + hold_s * jitter.uniform(0.5, 1.5)
-                            heapq.heappush(held, (due, len(latencies), sock, protocol.encode(reply)))
-                        else:
-                            sock.send_multipart(protocol.encode(reply))
-                    elif cmd is protocol.Command.HEARTBEAT:
-                        sock.send_multipart(protocol.encode(protocol.WorkerHeartbeat(worker_id=worker_of[sock])))
-            if self.client in events:
-                while self.client.poll(0):
-                    cmd, msg = protocol.decode(self.client.recv_multipart(), protocol.BROKER_TO_CLIENT)
-                    if cmd is protocol.Command.FINAL:
-                        if not msg.ok:
-                            raise RuntimeError(f"job failed: {msg.error}")
-                        done += 1
-                        if next_id < jobs:
-                            send_one()
-        elapsed = time.perf_counter() - start
+            try:
+                frames = self.client.recv_multipart()
+            except zmq.Again:
+                raise RuntimeError(f"stalled after {done} of {jobs} jobs") from None
+            if frames[0][protocol.HEADER_LEN - 1] != protocol.Command.FINAL:
+                continue  # the glb_ready event: a real client writes the GLB; this one only counts results
+            cmd, msg = protocol.decode(frames, protocol.BROKER_TO_CLIENT)
+            if cmd is protocol.Command.FINAL:
+                if not msg.ok:
+                    raise RuntimeError(f"job failed: {msg.error}")
+                done += 1
+                if next_id < jobs:
+                    send_one()
+        elapsed = clock() - start
         gc.enable()
+        self.control.send(("report",))
+        received = self.control.recv()
+        self.trace = (sent_at, received)  # for a closer look: client send and worker receive times
+        latencies = [(n, received[n] - sent_at[n]) for n in range(jobs)]
         # The first ``in_flight`` requests leave together, a burst each one of which
         # waits for those ahead of it; every later one is sent as a result comes
         # back, with ``in_flight`` outstanding: the steady state the goal is about.
@@ -179,8 +231,8 @@ class Harness:
         }
 
     def close(self) -> None:
-        for sock, wid in self.workers:
-            sock.send_multipart(protocol.encode(protocol.Disconnect(reason="benchmark done", worker_id=wid)))
+        self.control.send(("stop",))
+        self.farm.join(timeout=10)
         self.ctx.destroy(linger=0)
 
 

@@ -648,6 +648,60 @@ def test_results_only_request_gets_glb_ready_and_final(start_broker, peers):
     assert result.ok
 
 
+def test_a_new_request_is_dispatched_ahead_of_a_backlog_of_results(endpoints, peers):
+    """A request that arrives while the broker works through GPU results is
+    dispatched before the rest of them: results can wait, an idle worker should not."""
+    broker = Broker(endpoints, known_backends=["fake"], **FAST)
+    broker.bind()
+    try:
+        workers = [peers.worker() for _ in range(4)]
+        client = peers.client()
+
+        def turn_until(done, what):
+            deadline = time.monotonic() + 5
+            while not done():
+                assert time.monotonic() < deadline, f"the broker never {what}"
+                broker.run_once(0.01)
+
+        turn_until(lambda: broker.dispatcher.workers.alive("fake") == 4, "saw 4 workers")
+        for n in range(3):
+            client.request(f"r{n}", want_sdf=False, events=False)
+        turn_until(lambda: sum(w.running is not None for w in workers) == 3, "dispatched r0-r2")
+        busy = [w for w in workers if w.running is not None]
+        for worker in busy:
+            worker.reply(worker.running)
+        deadline = time.monotonic() + 5
+        while any(not w.outbox.empty() for w in busy):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # the three results are in the broker's socket before it reads the first
+
+        order = []
+        to_worker, to_client, on_worker = broker.to_worker, broker.to_client, broker._on_worker
+
+        def record_worker(identity, message):
+            order.append(("job", message.input_name) if isinstance(message, protocol.Job) else ("beat",))
+            return to_worker(identity, message)
+
+        def record_client(identity, message):
+            if isinstance(message, protocol.Result):
+                order.append(("final", message.request_id))
+            return to_client(identity, message)
+
+        def first_result_brings_a_request(frames):
+            on_worker(frames)
+            if len(order) == 1 and order[0][0] == "final":
+                client.request("r3", want_sdf=False, events=False)
+                assert broker._client.poll(5000), "r3 never reached the broker"
+
+        broker.to_worker, broker.to_client, broker._on_worker = record_worker, record_client, first_result_brings_a_request
+        turn_until(lambda: len([o for o in order if o[0] in ("job", "final")]) == 4, "answered r0-r2 and sent r3")
+        steps = [o for o in order if o[0] in ("job", "final")]
+        assert steps[0][0] == "final" and steps[1] == ("job", "r3.png"), steps
+    finally:
+        broker.close()
+
+
 def test_sdf_job_handed_back_busy_is_pushed_again_uncounted(start_broker, peers):
     """PUSH may hand a job to a worker whose slots are all taken; it answers
     "busy" and the broker pushes the same attempt again, to whoever is next."""
@@ -763,3 +817,24 @@ def _events_within(client: FakeClient, duration_s: float) -> list:
             assert command is Command.PARTIAL, msg
             events.append(msg)
     return events
+
+
+def test_activity_is_logged_once_per_period_not_per_job(caplog):
+    from geomgen.dispatch import _ActivityLog
+    from geomgen.stats import BrokerStats
+
+    stats = BrokerStats(started_at=0.0)
+    activity = _ActivityLog(stats, now=0.0, interval_s=60.0)
+    caplog.set_level("INFO", logger="geomgen.broker")
+    for total_s in (1.0, 3.0):
+        stats.completed += 1
+        stats.total.add(total_s)
+    stats.failed += 1
+    stats.total.add(2.0)
+    activity.maybe_log(30.0, in_flight=4, queued=1)
+    assert caplog.records == []  # not a minute yet
+    activity.maybe_log(61.0, in_flight=4, queued=1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "last 61 s: 2 done, 1 failed (mean 2.00 s per job); 4 in flight, 1 waiting in queues"]
+    activity.maybe_log(130.0, in_flight=0, queued=0)  # an idle minute says nothing
+    assert len(caplog.records) == 1

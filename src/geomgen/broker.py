@@ -28,6 +28,14 @@ from geomgen.stats import health_report
 log = logging.getLogger("geomgen.broker")
 
 DRAIN_BATCH = 256  # messages read from one socket per loop turn, so no socket starves the others
+
+# Plain ints: pyzmq's send_multipart / recv_multipart combine its enum flags per
+# frame, which costs more than the send itself at thousands of messages a second.
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 HOUSEKEEPING_MAX_S = 0.05  # housekeeping runs at least this often (and 4 times per heartbeat interval)
 
 
@@ -154,10 +162,12 @@ class Broker:
         if self._client in ready:
             self._drain(self._client, self._on_client, copy=True)
         # Worker and SDF messages carry GLBs: receive them without an extra copy.
+        # New requests go first: between two of these messages, any request that
+        # came in is dispatched, so a backlog of results never delays a dispatch.
         if self._worker in ready:
-            self._drain(self._worker, self._on_worker, copy=False)
+            self._drain(self._worker, self._on_worker, copy=False, yield_to_clients=True)
         if self._sdf_pull in ready:
-            self._drain(self._sdf_pull, self._on_sdf, copy=False)
+            self._drain(self._sdf_pull, self._on_sdf, copy=False, yield_to_clients=True)
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self._tick_s
@@ -166,12 +176,17 @@ class Broker:
             except Exception:  # a bug in one expiry must not stop the broker; the next turn retries
                 log.exception("error during housekeeping")
 
-    def _drain(self, sock: zmq.Socket, handler, copy: bool) -> None:
+    def _drain(self, sock: zmq.Socket, handler, copy: bool, yield_to_clients: bool = False) -> None:
+        client = self._client
         for _ in range(DRAIN_BATCH):
+            if yield_to_clients and client.getsockopt(_EVENTS) & _POLLIN:
+                self._drain(client, self._on_client, copy=True)
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
+                frames = [sock.recv(_NOBLOCK, copy=copy)]
             except zmq.Again:
                 return
+            while sock.getsockopt(_RCVMORE):  # the rest of a multipart message is already here
+                frames.append(sock.recv(_NOBLOCK, copy=copy))
             try:
                 handler(frames)
             except Exception:  # one message must never stop the broker
@@ -247,14 +262,14 @@ class Broker:
 
     def to_client(self, identity: bytes, message: Any) -> None:
         try:
-            self._client.send_multipart([identity, *protocol.encode(message)], flags=zmq.NOBLOCK)
+            _send(self._client, [identity, *protocol.encode(message)])
         except zmq.ZMQError as exc:
             # The client left (EHOSTUNREACH); when it comes back its heartbeat asks again.
             log.info("could not deliver %s to client %s: %s", type(message).__name__, identity.hex(), exc)
 
     def to_worker(self, identity: bytes, message: Any) -> bool:
         try:
-            self._worker.send_multipart([identity, *protocol.encode(message)], flags=zmq.NOBLOCK)
+            _send(self._worker, [identity, *protocol.encode(message)])
             return True
         except zmq.ZMQError as exc:
             log.info("could not reach GPU worker %s: %s", identity.hex(), exc)
@@ -267,12 +282,20 @@ class Broker:
         else:
             frames = protocol.encode(job)
         try:
-            self._sdf_push.send_multipart(frames, flags=zmq.NOBLOCK)
+            _send(self._sdf_push, frames)
         except zmq.Again:
             self._sdf_frames = (job.job_id, job.attempt, frames)  # keep the encoding until a pipe has room
             return False
         self._sdf_frames = None
         return True
+
+
+def _send(sock: zmq.Socket, frames: list) -> None:
+    """send_multipart(frames, NOBLOCK) without per-frame enum arithmetic. A
+    multipart message is atomic in ZeroMQ: only its first frame can fail."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK)
 
 
 def serve(endpoints: Endpoints, **settings: Any) -> int:

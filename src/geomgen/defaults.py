@@ -19,6 +19,7 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # ZMQ MAXMSGSIZE and msgpack limit, bytes
 HEARTBEAT_INTERVAL_S = 1.0  # how often every peer says it is alive
 HEARTBEAT_LIVENESS = 5  # missed intervals before a peer is declared dead
 POLL_INTERVAL_S = 0.25  # upper bound on a loop's sleep in poll()
+ACTIVITY_LOG_INTERVAL_S = 60.0  # the broker logs one line of what it did in each such period (jobs log at DEBUG)
 RECONNECT_MIN_S = 0.5  # first reconnect back-off of a worker
 RECONNECT_MAX_S = 16.0  # back-off cap
 

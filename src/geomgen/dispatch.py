@@ -7,10 +7,11 @@ through an Outbox. Times are monotonic seconds passed in by the caller.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import uuid
 from typing import Any, Iterable, Protocol
 
+from geomgen import defaults
 from geomgen.errors import InputError, Stage
 from geomgen.jobs import JobRecord, peer_error, validate_request
 from geomgen.protocol import (
@@ -72,6 +73,11 @@ class Dispatcher:
         self.waits = WaitList()
         self.stats = BrokerStats(started_at=now)
         self._next_heartbeat = now
+        # Job ids: this broker's id and a counter, unique across broker restarts and
+        # cheaper than a uuid per job.
+        self._job_numbers = itertools.count(1)
+        self._job_prefix = broker_id[:12] + "-"
+        self._activity = _ActivityLog(self.stats, now)
 
     # --- clients ---------------------------------------------------------------
 
@@ -95,7 +101,7 @@ class Dispatcher:
             self.reject(identity, req.request_id, req.backend, exc.stage, exc.code, message)
             return
         timeout_s = self.no_worker_timeout_s if req.no_worker_timeout_s is None else float(req.no_worker_timeout_s)
-        job = JobRecord(uuid.uuid4().hex, identity, req, convert, req.scene_id or f"client:{identity.hex()}",
+        job = JobRecord(f"{self._job_prefix}{next(self._job_numbers):x}", identity, req, convert, req.scene_id or f"client:{identity.hex()}",
                         accepted_at=now, no_worker_timeout_s=timeout_s)
         self.jobs[job.job_id] = job
         self.keys[(identity, req.request_id)] = job.job_id
@@ -160,7 +166,9 @@ class Dispatcher:
         self.stats.total.add(timings["total_s"])
         if error is None:
             self.stats.completed += 1
-            log.info("job %s request %s: done in %.3f s", job.job_id, job.request.request_id, timings["total_s"])
+            # DEBUG: a record per job costs a sixth of the broker's time per job; the
+            # activity line sums them up once a minute.
+            log.debug("job %s request %s: done in %.3f s", job.job_id, job.request.request_id, timings["total_s"])
         else:
             self.stats.failed += 1
             self.stats.cancelled += error.get("code") == "cancelled"
@@ -449,6 +457,7 @@ class Dispatcher:
             if queue:
                 self._dispatch(backend, now)
         self.pump_sdf(now)
+        self._activity.maybe_log(now, len(self.jobs), sum(len(q) for q in self.queues.values()) + len(self.sdf.waiting))
 
     def _live_workers(self, pool: str) -> int:
         return len(self.sdf.workers) if pool == SDF_POOL else self.workers.alive(pool)
@@ -463,3 +472,26 @@ class Dispatcher:
             message = (f"no worker for backend {pool!r} was connected within {job.no_worker_timeout_s:g} s; "
                        f"start one with `geomgen gpu-worker --backend {pool} --broker {self.address}`")
         self._finish(job, now, error=error_dict(Stage.TRANSPORT, "no_worker", message))
+
+
+class _ActivityLog:
+    """One INFO line per period that had jobs: done, failed, in flight, queued."""
+
+    def __init__(self, stats: BrokerStats, now: float, interval_s: float = defaults.ACTIVITY_LOG_INTERVAL_S) -> None:
+        self.stats = stats
+        self.interval_s = interval_s
+        self._since = now
+        self._counts = (stats.completed, stats.failed, stats.total.count, stats.total.total_s)
+
+    def maybe_log(self, now: float, in_flight: int, queued: int) -> None:
+        if now - self._since < self.interval_s:
+            return
+        s = self.stats
+        counts = (s.completed, s.failed, s.total.count, s.total.total_s)
+        done, failed = counts[0] - self._counts[0], counts[1] - self._counts[1]
+        if done or failed or in_flight:
+            finished = counts[2] - self._counts[2]
+            mean_s = (counts[3] - self._counts[3]) / finished if finished else 0.0
+            log.info("last %.0f s: %d done, %d failed (mean %.2f s per job); %d in flight, %d waiting in queues",
+                     now - self._since, done, failed, mean_s, in_flight, queued)
+        self._since, self._counts = now, counts

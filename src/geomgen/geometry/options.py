@@ -8,6 +8,7 @@ sentence naming the bad field.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,13 +44,12 @@ class ConvertOptions:
     validate: bool = True  # load the SDF in Drake after writing, when pydrake is installed
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "ConvertOptions":
         data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - set(_field_names(cls)))
         if unknown:
             raise InputError(f"unknown conversion option(s): {', '.join(unknown)}", code="bad_option")
         opts = cls(**data)
@@ -105,3 +105,9 @@ def _positive(name: str, value: Any) -> None:
         return
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
         raise InputError(f"{name} must be a finite number > 0, got {value!r}", code="bad_option")
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """A dataclass's field names, looked up once (the broker checks options per request)."""
+    return tuple(f.name for f in dataclasses.fields(cls))
