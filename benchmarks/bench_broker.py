@@ -1,14 +1,21 @@
 """Broker overhead: jobs/s and dispatch latency through a real broker process.
 
-Client and synthetic GPU workers are played by this process over loopback TCP
-with the real protocol; the broker is `python -m geomgen broker`. Dispatch
-latency is client send -> worker receive, measured on one clock, with as many
-synthetic workers as requests in flight so it measures routing, not waiting
-for a worker; its percentiles are over the steady state (after the first N
-requests, which leave together), the burst reported apart. Workers answer at
-once (saturation) or hold each job for a jittered stand-in of GPU time.
+The broker is `python -m geomgen broker`; the client is this process (one
+DEALER) and the synthetic GPU workers are N DEALERs in a child process (as real
+workers are other processes), all over loopback TCP with the real protocol.
+Dispatch latency is client send -> worker receive, both taken on
+CLOCK_MONOTONIC, with as many synthetic workers as requests in flight so it
+measures routing, not waiting for a worker; its percentiles are over the
+steady state (after the first N requests, which leave together), the burst
+reported apart. Workers answer at once (saturation) or hold each job for a
+jittered stand-in of GPU time.
 
-    python benchmarks/bench_broker.py [--jobs 5000] [--json out.json]
+Each scenario also runs against benchmarks/floor_broker.py, a forwarder that
+does nothing but route, alternating with the real broker so both see the
+same machine: the difference is what geomgen's broker costs, the floor what
+Python, pyzmq, loopback TCP and this machine's scheduler cost.
+
+    python benchmarks/bench_broker.py [--jobs 5000] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import multiprocessing
 import os
 import random
 import selectors
+import statistics
 import subprocess
 import sys
 import time
@@ -47,14 +55,6 @@ def tiny_glb() -> bytes:
     box = trimesh.creation.box(extents=(0.1, 0.1, 0.1))
     box.apply_translation((0, 0.05, 0))
     return trimesh.Scene(box).export(file_type="glb")
-
-
-def start_broker(endpoints: Endpoints) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "geomgen", "broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def clock() -> float:
@@ -237,36 +237,73 @@ class Harness:
 
 
 # (requests in flight, seconds each synthetic worker holds a job). Held jobs make
-# "in flight" mean jobs at workers, as with real GPU time; with no hold, every
-# request in flight is waiting on the broker or the harness (a saturation test).
-SCENARIOS = ((1, 0.0), (10, 0.0), (100, 0.0), (100, 0.1))
+# "in flight" mean jobs at workers, as with real GPU time (at 0.1 s about 900
+# jobs/s, at 1 s about 95); with no hold, every request in flight is waiting on
+# the broker or the harness: a saturation test.
+SCENARIOS = ((1, 0.0), (10, 0.0), (100, 0.0), (100, 0.1), (100, 1.0))
+BROKERS = ("geomgen", "floor")  # floor: benchmarks/floor_broker.py, the least a broker on these sockets does
 
 
-def broker_alone(jobs: int) -> list[dict]:
+def start_broker(kind: str, endpoints: Endpoints) -> subprocess.Popen:
+    if kind == "geomgen":
+        command = [sys.executable, "-m", "geomgen", "broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port)]
+    else:
+        command = [sys.executable, str(Path(__file__).with_name("floor_broker.py")), str(endpoints.client_port)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def one_run(kind: str, jobs: int, in_flight: int, hold_s: float) -> dict:
+    endpoints = Endpoints.from_base("127.0.0.1", free_base_port())
+    broker = start_broker(kind, endpoints)
+    try:
+        harness = Harness(endpoints, n_workers=in_flight)
+        harness.wait_workers()
+        harness.run(min(jobs, 200), in_flight, hold_s)  # warm-up
+        cpu_before_s = _cpu_seconds(broker.pid)
+        count = jobs if in_flight > 1 else max(500, jobs // 5)
+        if hold_s:
+            count = min(count, int(20 * in_flight / hold_s))  # about 20 s at most
+        row = harness.run(count, in_flight, hold_s)
+        # The broker's own CPU per job: what it could sustain on one core, apart from this harness.
+        row["broker_cpu_ms_per_job"] = 1e3 * (_cpu_seconds(broker.pid) - cpu_before_s) / row["jobs"]
+        row["load_1min"] = os.getloadavg()[0]
+        harness.close()
+    finally:
+        broker.terminate()
+        broker.wait(timeout=10)
+    return {"broker": kind, **row}
+
+
+def broker_alone(jobs: int, rounds: int) -> list[dict]:
+    """Every scenario ``rounds`` times, the geomgen broker and the floor broker
+    alternating, so that both see the same machine (its load moves by the minute)."""
     rows = []
     for in_flight, hold_s in SCENARIOS:
-        endpoints = Endpoints.from_base("127.0.0.1", free_base_port())
-        broker = start_broker(endpoints)
-        try:
-            harness = Harness(endpoints, n_workers=in_flight)
-            harness.wait_workers()
-            harness.run(min(jobs, 200), in_flight, hold_s)  # warm-up
-            cpu_before_s = _cpu_seconds(broker.pid)
-            count = jobs if in_flight > 1 else max(500, jobs // 5)
-            if hold_s:
-                count = min(count, int(30 * in_flight / hold_s))  # about 30 s at most
-            rows.append(harness.run(count, in_flight, hold_s))
-            # The broker's own CPU per job: what it could sustain on one core, apart from this harness.
-            rows[-1]["broker_cpu_ms_per_job"] = 1e3 * (_cpu_seconds(broker.pid) - cpu_before_s) / rows[-1]["jobs"]
-            harness.close()
-        finally:
-            broker.terminate()
-            broker.wait(timeout=10)
-        print(f"broker alone   in_flight={in_flight:>3} hold={hold_s:.2f} s: {rows[-1]['jobs_per_s']:8.0f} jobs/s  "
-              f"dispatch p50 {rows[-1]['dispatch_p50_ms']:.2f} ms  p99 {rows[-1]['dispatch_p99_ms']:.2f} ms  "
-              f"(first {in_flight} at once: max {rows[-1]['initial_burst_max_ms']:.1f} ms)  "
-              f"broker CPU {rows[-1]['broker_cpu_ms_per_job']:.3f} ms/job")
+        for round_no in range(rounds):
+            for kind in BROKERS:
+                row = one_run(kind, jobs, in_flight, hold_s)
+                rows.append({"round": round_no, **row})
+                print(f"{kind:8s} in_flight={in_flight:>3} hold={hold_s:.2f} s: {row['jobs_per_s']:8.0f} jobs/s  "
+                      f"dispatch p50 {row['dispatch_p50_ms']:.2f} ms  p99 {row['dispatch_p99_ms']:.2f} ms  "
+                      f"(first {in_flight} at once: max {row['initial_burst_max_ms']:.1f} ms)  "
+                      f"broker CPU {row['broker_cpu_ms_per_job']:.3f} ms/job  load {row['load_1min']:.2f}", flush=True)
     return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per scenario and broker: medians over the rounds."""
+    out = []
+    for in_flight, hold_s in SCENARIOS:
+        for kind in BROKERS:
+            mine = [r for r in rows if (r["in_flight"], r["hold_s"], r["broker"]) == (in_flight, hold_s, kind)]
+            if not mine:
+                continue
+            out.append({"broker": kind, "in_flight": in_flight, "hold_s": hold_s, "rounds": len(mine),
+                        **{key: statistics.median(r[key] for r in mine) for key in (
+                            "jobs_per_s", "dispatch_p50_ms", "dispatch_p99_ms", "dispatch_max_ms",
+                            "broker_cpu_ms_per_job")},
+                        "dispatch_p99_ms_each": [round(r["dispatch_p99_ms"], 2) for r in mine]})
+    return out
 
 
 def full_pipeline(jobs: int, tmp: Path) -> dict:
@@ -317,6 +354,7 @@ def full_pipeline(jobs: int, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=5000, help="jobs per broker-alone run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each scenario per broker, alternating")
     parser.add_argument("--pipeline-jobs", type=int, default=40, help="jobs through the full pipeline")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "broker.json")
     args = parser.parse_args()
@@ -325,9 +363,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "machine": machine(),
-            "broker_alone": broker_alone(args.jobs),
+            "broker_alone": (rows := broker_alone(args.jobs, args.rounds)),
+            "broker_alone_medians": (medians := summarize(rows)),
             "full_pipeline": full_pipeline(args.pipeline_jobs, Path(tmp)),
         }
+    print("medians over the rounds:")
+    for m in medians:
+        print(f"  {m['broker']:8s} in_flight={m['in_flight']:>3} hold={m['hold_s']:.2f} s: {m['jobs_per_s']:7.0f} jobs/s"
+              f"  p50 {m['dispatch_p50_ms']:.2f} ms  p99 {m['dispatch_p99_ms']:.2f} ms (each: {m['dispatch_p99_ms_each']})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

@@ -838,3 +838,55 @@ def test_activity_is_logged_once_per_period_not_per_job(caplog):
         "last 61 s: 2 done, 1 failed (mean 2.00 s per job); 4 in flight, 1 waiting in queues"]
     activity.maybe_log(130.0, in_flight=0, queued=0)  # an idle minute says nothing
     assert len(caplog.records) == 1
+
+
+class RecordingOutbox:
+    """The dispatcher's Outbox, recording instead of sending."""
+
+    def __init__(self):
+        self.sent = []  # (to, message)
+
+    def to_client(self, identity, message):
+        self.sent.append((identity, message))
+
+    def to_worker(self, identity, message):
+        self.sent.append((identity, message))
+        return True
+
+    def to_sdf(self, job):
+        self.sent.append(("sdf", job))
+        return True
+
+
+def test_broker_heartbeats_each_worker_on_its_own_phase():
+    """Workers that registered together are heartbeated spread over the interval,
+    each once per interval, and a job counts as a heartbeat."""
+    from geomgen.dispatch import Dispatcher
+
+    out = RecordingOutbox()
+    d = Dispatcher(out, broker_id="b" * 32, address="host:5555", heartbeat_interval_s=1.0, heartbeat_liveness=5,
+                   max_retries=2, no_worker_timeout_s=10.0, sdf_lease_s=5.0, known_backends=["fake"], now=0.0)
+    names = [f"w{n}".encode() for n in range(20)]
+    for name in names:
+        d.worker_message(name, Command.READY, WorkerReady(name.decode(), "fake"), 0.0)
+    beats: dict[bytes, list[float]] = {name: [] for name in names}
+    for tick in range(1, 61):  # 3 s in 50 ms ticks
+        now = tick * 0.05
+        for worker in d.workers:
+            worker.last_seen = now  # they answer
+        if tick == 20:
+            d.request(b"client", ClientRequest("r1", "fake", "r1.png", b"png", "thing", want_sdf=False), now)
+            got_job = next(to for to, msg in out.sent if isinstance(msg, protocol.Job))
+        del out.sent[:]
+        d.housekeeping(now)
+        for to, msg in out.sent:
+            if isinstance(msg, protocol.BrokerHeartbeat):
+                beats[to].append(now)
+    first = sorted(times[0] for times in beats.values())
+    assert 0.5 <= first[0] and first[-1] <= 1.05 and len(set(first)) > 5, first  # spread, not one burst
+    assert not any(1.0 < t < 1.95 for t in beats[got_job]), beats[got_job]  # the job at 1.0 s was its beat
+    beats[got_job] = sorted([*beats[got_job], 1.0])
+    for name, times in beats.items():
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        shortest = 0.0 if name == got_job else 0.95  # the job came between two beats
+        assert len(times) >= 3 and all(shortest <= gap <= 1.06 for gap in gaps), (name, times)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 from typing import Any, Iterable, Protocol
 
 from geomgen import defaults
@@ -72,7 +73,6 @@ class Dispatcher:
         self.sdf = SdfPool(sdf_lease_s)
         self.waits = WaitList()
         self.stats = BrokerStats(started_at=now)
-        self._next_heartbeat = now
         # Job ids: this broker's id and a counter, unique across broker restarts and
         # cheaper than a uuid per job.
         self._job_numbers = itertools.count(1)
@@ -205,6 +205,7 @@ class Dispatcher:
         req = job.request
         message = Job(job.job_id, job.attempt, req.backend, req.input_name, req.input_data, req.prompt,
                       req.backend_options, req.sam3d_config, req.debug)
+        worker.heartbeat_due = now + self.heartbeat_interval_s  # the job tells it the broker is alive
         if not self.out.to_worker(worker.identity, message):
             # The worker's connection is gone and it never saw the job: not a counted attempt.
             worker.job_id = None
@@ -261,7 +262,8 @@ class Dispatcher:
             self.out.to_worker(identity, Disconnect("READY needs a backend and a worker_id", msg.worker_id))
             return
         worker = GpuWorker(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
-                           last_seen=now, heartbeat_interval_s=msg.heartbeat_interval_s)
+                           last_seen=now, heartbeat_interval_s=msg.heartbeat_interval_s,
+                           heartbeat_due=now + self.heartbeat_interval_s * random.uniform(0.5, 1.0))
         for old in self.workers.add(worker):
             self._lose_worker(old, now, "it registered again", removed=True)
         self.registered.add(msg.backend)
@@ -447,10 +449,12 @@ class Dispatcher:
             self._lease_expired(job_id, attempt, now)
         for job_id, pool in self.waits.due(now, self._live_workers):
             self._no_worker(self.jobs[job_id], pool, now)
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.heartbeat_interval_s
-            heartbeat = BrokerHeartbeat(self.broker_id)
-            for worker in self.workers:
+        # Each worker on its own phase: a hundred heartbeats at once would hold up
+        # the requests that arrive behind them.
+        heartbeat = BrokerHeartbeat(self.broker_id)
+        for worker in self.workers:
+            if now >= worker.heartbeat_due:
+                worker.heartbeat_due = now + self.heartbeat_interval_s
                 if not self.out.to_worker(worker.identity, heartbeat):
                     self._lose_worker(worker, now, "its connection closed")
         for backend, queue in list(self.queues.items()):

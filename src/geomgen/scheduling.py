@@ -170,6 +170,7 @@ class GpuWorker:
     job_id: str | None = None  # the job the broker gave it
     attempt: int = 0
     job_sent_at: float = 0.0
+    heartbeat_due: float = 0.0  # when the broker next owes it a message (any message counts)
     blocked: bool = False  # said "busy" with a job we did not give it; waits for an idle heartbeat
     completed: int = 0
     failed: int = 0
