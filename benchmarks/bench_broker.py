@@ -15,7 +15,7 @@ does nothing but route, alternating with the real broker so both see the
 same machine: the difference is what geomgen's broker costs, the floor what
 Python, pyzmq, loopback TCP and this machine's scheduler cost.
 
-    python benchmarks/bench_broker.py [--jobs 5000] [--rounds 3] [--json out.json]
+    python benchmarks/bench_broker.py [--jobs 5000] [--rounds 3] [--json out.json] [--baseline-src DIR]
 """
 
 from __future__ import annotations
@@ -244,12 +244,18 @@ SCENARIOS = ((1, 0.0), (10, 0.0), (100, 0.0), (100, 0.1), (100, 1.0))
 BROKERS = ("geomgen", "floor")  # floor: benchmarks/floor_broker.py, the least a broker on these sockets does
 
 
+BASELINE_SRC: str | None = None  # --baseline-src: another checkout's src/, run as broker "baseline"
+
+
 def start_broker(kind: str, endpoints: Endpoints) -> subprocess.Popen:
-    if kind == "geomgen":
-        command = [sys.executable, "-m", "geomgen", "broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port)]
-    else:
+    env = None
+    if kind == "floor":
         command = [sys.executable, str(Path(__file__).with_name("floor_broker.py")), str(endpoints.client_port)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        command = [sys.executable, "-m", "geomgen", "broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port)]
+        if kind == "baseline":
+            env = {**os.environ, "PYTHONPATH": BASELINE_SRC}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def one_run(kind: str, jobs: int, in_flight: int, hold_s: float) -> dict:
@@ -274,13 +280,13 @@ def one_run(kind: str, jobs: int, in_flight: int, hold_s: float) -> dict:
     return {"broker": kind, **row}
 
 
-def broker_alone(jobs: int, rounds: int) -> list[dict]:
+def broker_alone(jobs: int, rounds: int, brokers: tuple[str, ...]) -> list[dict]:
     """Every scenario ``rounds`` times, the geomgen broker and the floor broker
     alternating, so that both see the same machine (its load moves by the minute)."""
     rows = []
     for in_flight, hold_s in SCENARIOS:
         for round_no in range(rounds):
-            for kind in BROKERS:
+            for kind in brokers:
                 row = one_run(kind, jobs, in_flight, hold_s)
                 rows.append({"round": round_no, **row})
                 print(f"{kind:8s} in_flight={in_flight:>3} hold={hold_s:.2f} s: {row['jobs_per_s']:8.0f} jobs/s  "
@@ -290,11 +296,11 @@ def broker_alone(jobs: int, rounds: int) -> list[dict]:
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def summarize(rows: list[dict], brokers: tuple[str, ...]) -> list[dict]:
     """Per scenario and broker: medians over the rounds."""
     out = []
     for in_flight, hold_s in SCENARIOS:
-        for kind in BROKERS:
+        for kind in brokers:
             mine = [r for r in rows if (r["in_flight"], r["hold_s"], r["broker"]) == (in_flight, hold_s, kind)]
             if not mine:
                 continue
@@ -357,14 +363,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs of each scenario per broker, alternating")
     parser.add_argument("--pipeline-jobs", type=int, default=40, help="jobs through the full pipeline")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "broker.json")
+    parser.add_argument("--baseline-src", help="also run the broker of another checkout (its src/ folder), "
+                        "e.g. from `git worktree add /tmp/old COMMIT`, as broker 'baseline'")
     args = parser.parse_args()
+    global BASELINE_SRC
+    brokers = BROKERS
+    if args.baseline_src:
+        BASELINE_SRC = str(Path(args.baseline_src).resolve())
+        brokers = ("baseline", *BROKERS)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         result = {
             "machine": machine(),
-            "broker_alone": (rows := broker_alone(args.jobs, args.rounds)),
-            "broker_alone_medians": (medians := summarize(rows)),
+            "baseline_src": BASELINE_SRC,
+            "broker_alone": (rows := broker_alone(args.jobs, args.rounds, brokers)),
+            "broker_alone_medians": (medians := summarize(rows, brokers)),
             "full_pipeline": full_pipeline(args.pipeline_jobs, Path(tmp)),
         }
     print("medians over the rounds:")

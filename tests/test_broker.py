@@ -782,6 +782,27 @@ def test_health_reports_workers_queues_and_timings(start_broker, peers):
     assert stats["in_flight"] == 0 and stats["avg_generate_s"] > 0
 
 
+def test_free_ports_are_below_the_ephemeral_range_and_free():
+    """Outgoing connections take their local ports from the ephemeral range; a
+    broker port picked there could be taken before the broker binds it."""
+    import socket
+
+    from geomgen.server import _ephemeral_low, free_base_port
+
+    for _ in range(20):
+        base = free_base_port("127.0.0.1")
+        assert base + 4 <= _ephemeral_low()
+        held = []
+        try:
+            for port in range(base, base + 4):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))  # raises if it was not free
+        finally:
+            for sock in held:
+                sock.close()
+
+
 def test_second_broker_on_the_same_ports_fails_clearly(start_broker, endpoints):
     start_broker()
     other = Broker(endpoints, known_backends=["fake"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -84,14 +85,26 @@ def backend_uses_gpu(name: str) -> bool:
 
 
 def free_base_port(host: str = defaults.HOST, count: int = 4) -> int:
-    """A base port with ``count`` consecutive ports free on ``host``."""
+    """A base port with ``count`` consecutive ports free on ``host``, below the
+    system's ephemeral range: a port from that range can be taken as the local
+    end of any outgoing connection (a worker's, a client's) between this check
+    and the broker's bind."""
+    top = min(_ephemeral_low(), 49152) - count
+    bottom = 20000 if top > 21000 else 1024
+    pick = random.Random()
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-        if base + count < 65535 and all(_port_free(host, port) for port in range(base, base + count)):
+        base = pick.randrange(bottom, top)
+        if all(_port_free(host, port) for port in range(base, base + count)):
             return base
     raise TransportError(f"found no {count} consecutive free ports on {host}", code="no_ports")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _port_free(host: str, port: int) -> bool:
