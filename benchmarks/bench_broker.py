@@ -252,7 +252,8 @@ def start_broker(kind: str, endpoints: Endpoints) -> subprocess.Popen:
     if kind == "floor":
         command = [sys.executable, str(Path(__file__).with_name("floor_broker.py")), str(endpoints.client_port)]
     else:
-        command = [sys.executable, "-m", "geomgen", "broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port)]
+        command = [sys.executable, "-m", "geomgen", "broker", "--host", "127.0.0.1",
+                   "--port", str(endpoints.client_port)]
         if kind == "baseline":
             env = {**os.environ, "PYTHONPATH": BASELINE_SRC}
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -383,8 +384,9 @@ def main() -> None:
         }
     print("medians over the rounds:")
     for m in medians:
-        print(f"  {m['broker']:8s} in_flight={m['in_flight']:>3} hold={m['hold_s']:.2f} s: {m['jobs_per_s']:7.0f} jobs/s"
-              f"  p50 {m['dispatch_p50_ms']:.2f} ms  p99 {m['dispatch_p99_ms']:.2f} ms (each: {m['dispatch_p99_ms_each']})")
+        print(f"  {m['broker']:8s} in_flight={m['in_flight']:>3} hold={m['hold_s']:.2f} s: "
+              f"{m['jobs_per_s']:7.0f} jobs/s  p50 {m['dispatch_p50_ms']:.2f} ms  "
+              f"p99 {m['dispatch_p99_ms']:.2f} ms (each: {m['dispatch_p99_ms_each']})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

@@ -694,7 +694,8 @@ def test_a_new_request_is_dispatched_ahead_of_a_backlog_of_results(endpoints, pe
                 client.request("r3", want_sdf=False, events=False)
                 assert broker._client.poll(5000), "r3 never reached the broker"
 
-        broker.to_worker, broker.to_client, broker._on_worker = record_worker, record_client, first_result_brings_a_request
+        broker.to_worker, broker.to_client = record_worker, record_client
+        broker._on_worker = first_result_brings_a_request
         turn_until(lambda: len([o for o in order if o[0] in ("job", "final")]) == 4, "answered r0-r2 and sent r3")
         steps = [o for o in order if o[0] in ("job", "final")]
         assert steps[0][0] == "final" and steps[1] == ("job", "r3.png"), steps

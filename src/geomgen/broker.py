@@ -28,6 +28,7 @@ from geomgen.stats import health_report
 log = logging.getLogger("geomgen.broker")
 
 DRAIN_BATCH = 256  # messages read from one socket per loop turn, so no socket starves the others
+HOUSEKEEPING_MAX_S = 0.05  # housekeeping runs at least this often (and 4 times per heartbeat interval)
 
 # Plain ints: pyzmq's send_multipart / recv_multipart combine its enum flags per
 # frame, which costs more than the send itself at thousands of messages a second.
@@ -36,7 +37,6 @@ _NOBLOCK_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
-HOUSEKEEPING_MAX_S = 0.05  # housekeeping runs at least this often (and 4 times per heartbeat interval)
 
 
 class Broker:

@@ -101,7 +101,8 @@ class Dispatcher:
             self.reject(identity, req.request_id, req.backend, exc.stage, exc.code, message)
             return
         timeout_s = self.no_worker_timeout_s if req.no_worker_timeout_s is None else float(req.no_worker_timeout_s)
-        job = JobRecord(f"{self._job_prefix}{next(self._job_numbers):x}", identity, req, convert, req.scene_id or f"client:{identity.hex()}",
+        job_id = f"{self._job_prefix}{next(self._job_numbers):x}"
+        job = JobRecord(job_id, identity, req, convert, req.scene_id or f"client:{identity.hex()}",
                         accepted_at=now, no_worker_timeout_s=timeout_s)
         self.jobs[job.job_id] = job
         self.keys[(identity, req.request_id)] = job.job_id
@@ -461,7 +462,8 @@ class Dispatcher:
             if queue:
                 self._dispatch(backend, now)
         self.pump_sdf(now)
-        self._activity.maybe_log(now, len(self.jobs), sum(len(q) for q in self.queues.values()) + len(self.sdf.waiting))
+        queued = sum(len(queue) for queue in self.queues.values()) + len(self.sdf.waiting)
+        self._activity.maybe_log(now, len(self.jobs), queued)
 
     def _live_workers(self, pool: str) -> int:
         return len(self.sdf.workers) if pool == SDF_POOL else self.workers.alive(pool)

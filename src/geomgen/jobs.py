@@ -20,7 +20,7 @@ from geomgen.protocol import ClientRequest, JobState
 class JobRecord:
     """One accepted request on its way through generate and convert."""
 
-    job_id: str  # uuid hex, the id workers see
+    job_id: str  # <broker id prefix>-<counter, hex>, the id workers see
     client: bytes  # the client's DEALER identity
     request: ClientRequest
     convert: dict  # validated ConvertOptions as a dict
