@@ -378,6 +378,7 @@ def main() -> None:
         result = {
             "machine": machine(),
             "baseline_src": BASELINE_SRC,
+            "baseline_commit": _commit_of(BASELINE_SRC) if BASELINE_SRC else None,
             "broker_alone": (rows := broker_alone(args.jobs, args.rounds, brokers)),
             "broker_alone_medians": (medians := summarize(rows, brokers)),
             "full_pipeline": full_pipeline(args.pipeline_jobs, Path(tmp)),
@@ -394,6 +395,12 @@ def main() -> None:
 
 def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[int(q * (len(sorted_values) - 1))]
+
+
+def _commit_of(folder: str) -> str | None:
+    """The git commit a checkout's folder is at, if it is one."""
+    done = subprocess.run(["git", "-C", folder, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _cpu_seconds(pid: int) -> float:
