@@ -648,34 +648,41 @@ def test_results_only_request_gets_glb_ready_and_final(start_broker, peers):
     assert result.ok
 
 
+def turn_until(broker: Broker, done, what: str, timeout_s: float = 5.0) -> None:
+    """Run the broker's loop in this thread until ``done()``."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"the broker never {what}"
+        broker.run_once(0.01)
+
+
+def results_waiting(broker: Broker, peers, count: int):
+    """``count`` + 1 workers; ``count`` of them have answered a job, and their
+    results wait in the broker's socket, unread. Returns the client."""
+    workers = [peers.worker() for _ in range(count + 1)]
+    client = peers.client()
+    turn_until(broker, lambda: broker.dispatcher.workers.alive("fake") == count + 1, "saw the workers")
+    for n in range(count):
+        client.request(f"r{n}", want_sdf=False, events=False)
+    turn_until(broker, lambda: sum(w.running is not None for w in workers) == count, "dispatched the jobs")
+    busy = [w for w in workers if w.running is not None]
+    for worker in busy:
+        worker.reply(worker.running)
+    deadline = time.monotonic() + 5
+    while any(not w.outbox.empty() for w in busy):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.2)  # the results are in the broker's socket before it reads the first
+    return client
+
+
 def test_a_new_request_is_dispatched_ahead_of_a_backlog_of_results(endpoints, peers):
     """A request that arrives while the broker works through GPU results is
     dispatched before the rest of them: results can wait, an idle worker should not."""
     broker = Broker(endpoints, known_backends=["fake"], **FAST)
     broker.bind()
     try:
-        workers = [peers.worker() for _ in range(4)]
-        client = peers.client()
-
-        def turn_until(done, what):
-            deadline = time.monotonic() + 5
-            while not done():
-                assert time.monotonic() < deadline, f"the broker never {what}"
-                broker.run_once(0.01)
-
-        turn_until(lambda: broker.dispatcher.workers.alive("fake") == 4, "saw 4 workers")
-        for n in range(3):
-            client.request(f"r{n}", want_sdf=False, events=False)
-        turn_until(lambda: sum(w.running is not None for w in workers) == 3, "dispatched r0-r2")
-        busy = [w for w in workers if w.running is not None]
-        for worker in busy:
-            worker.reply(worker.running)
-        deadline = time.monotonic() + 5
-        while any(not w.outbox.empty() for w in busy):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(0.2)  # the three results are in the broker's socket before it reads the first
-
+        client = results_waiting(broker, peers, 3)
         order = []
         to_worker, to_client, on_worker = broker.to_worker, broker.to_client, broker._on_worker
 
@@ -696,9 +703,44 @@ def test_a_new_request_is_dispatched_ahead_of_a_backlog_of_results(endpoints, pe
 
         broker.to_worker, broker.to_client = record_worker, record_client
         broker._on_worker = first_result_brings_a_request
-        turn_until(lambda: len([o for o in order if o[0] in ("job", "final")]) == 4, "answered r0-r2 and sent r3")
+        turn_until(broker, lambda: len([o for o in order if o[0] in ("job", "final")]) == 4,
+                   "answered r0-r2 and sent r3")
         steps = [o for o in order if o[0] in ("job", "final")]
         assert steps[0][0] == "final" and steps[1] == ("job", "r3.png"), steps
+    finally:
+        broker.close()
+
+
+def test_a_flood_of_requests_holds_results_back_only_so_long(endpoints, peers):
+    """Requests go first, but a result waits for at most CLIENT_YIELD_BATCH of
+    them: GPU workers must not sit idle behind a client's batch of thousands."""
+    from geomgen.broker import CLIENT_YIELD_BATCH
+
+    broker = Broker(endpoints, known_backends=["fake"], **FAST)
+    broker.bind()
+    try:
+        client = results_waiting(broker, peers, 2)
+        handled = []
+        on_worker, on_client = broker._on_worker, broker._on_client
+
+        def worker_message(frames):
+            on_worker(frames)
+            if bytes(frames[1])[protocol.HEADER_LEN - 1] == Command.FINAL:
+                handled.append("result")
+                if handled.count("result") == 1:  # a batch of 200 arrives behind the first result
+                    for n in range(200):
+                        client.request(f"flood{n}", want_sdf=False, events=False)
+                    time.sleep(0.3)
+
+        def client_message(frames):
+            on_client(frames)
+            handled.append("request")
+
+        broker._on_worker, broker._on_client = worker_message, client_message
+        turn_until(broker, lambda: handled.count("result") == 2, "read the second result")
+        first = handled.index("result")
+        between = handled[first + 1:handled.index("result", first + 1)]
+        assert between and set(between) == {"request"} and len(between) <= CLIENT_YIELD_BATCH, handled
     finally:
         broker.close()
 

@@ -29,6 +29,8 @@ log = logging.getLogger("geomgen.broker")
 
 DRAIN_BATCH = 256  # messages read from one socket per loop turn, so no socket starves the others
 HOUSEKEEPING_MAX_S = 0.05  # housekeeping runs at least this often (and 4 times per heartbeat interval)
+CLIENT_YIELD_BATCH = 32  # requests read between two worker / SDF messages: new work goes first, but a
+# flood of requests holds each result back for at most this many
 
 # Plain ints: pyzmq's send_multipart / recv_multipart combine its enum flags per
 # frame, which costs more than the send itself at thousands of messages a second.
@@ -176,11 +178,12 @@ class Broker:
             except Exception:  # a bug in one expiry must not stop the broker; the next turn retries
                 log.exception("error during housekeeping")
 
-    def _drain(self, sock: zmq.Socket, handler, copy: bool, yield_to_clients: bool = False) -> None:
+    def _drain(self, sock: zmq.Socket, handler, copy: bool, yield_to_clients: bool = False,
+               limit: int = DRAIN_BATCH) -> None:
         client = self._client
-        for _ in range(DRAIN_BATCH):
+        for _ in range(limit):
             if yield_to_clients and client.getsockopt(_EVENTS) & _POLLIN:
-                self._drain(client, self._on_client, copy=True)
+                self._drain(client, self._on_client, copy=True, limit=CLIENT_YIELD_BATCH)
             try:
                 frames = [sock.recv(_NOBLOCK, copy=copy)]
             except zmq.Again:
