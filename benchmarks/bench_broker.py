@@ -210,7 +210,6 @@ class Harness:
         gc.enable()
         self.control.send(("report",))
         received = self.control.recv()
-        self.trace = (sent_at, received)  # for a closer look: client send and worker receive times
         latencies = [(n, received[n] - sent_at[n]) for n in range(jobs)]
         # The first ``in_flight`` requests leave together, a burst each one of which
         # waits for those ahead of it; every later one is sent as a result comes

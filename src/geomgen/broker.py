@@ -164,8 +164,10 @@ class Broker:
         if self._client in ready:
             self._drain(self._client, self._on_client, copy=True)
         # Worker and SDF messages carry GLBs: receive them without an extra copy.
-        # New requests go first: between two of these messages, any request that
-        # came in is dispatched, so a backlog of results never delays a dispatch.
+        # New requests go first: before each of these messages, the requests that
+        # came in (up to CLIENT_YIELD_BATCH) are dispatched, so a backlog of
+        # results does not delay a dispatch, and a flood of requests does not
+        # hold the results back for long.
         if self._worker in ready:
             self._drain(self._worker, self._on_worker, copy=False, yield_to_clients=True)
         if self._sdf_pull in ready:
