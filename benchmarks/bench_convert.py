@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.machine import machine  # noqa: E402
-from geomgen.geometry.options import ConvertOptions
+from geomgen.contract import ConvertOptions
 
 ASSETS = REPO.parent / "shared" / "data" / "scenesmith_assets"
 MESHES = ("coffee_mug", "king_bed", "office_chair", "printer", "work_desk")

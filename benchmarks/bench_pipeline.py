@@ -28,7 +28,7 @@ from benchmarks.machine import cpu_model  # noqa: E402
 from geomgen import GeometryClient, GeometryRequest  # noqa: E402
 from geomgen.endpoints import Endpoints  # noqa: E402
 from geomgen.geometry.convert import convert_mesh  # noqa: E402
-from geomgen.geometry.options import ConvertOptions  # noqa: E402
+from geomgen.contract import ConvertOptions  # noqa: E402
 from tests.conftest import free_base_port  # noqa: E402
 
 SAMPLE_MESH = next((REPO / "src" / "geomgen" / "samples").glob("*.glb"))

@@ -292,7 +292,7 @@ def test_request_is_routed_to_a_worker_and_the_glb_comes_back(start_broker, peer
     client = peers.client()
     client.request("r1", want_sdf=False, prompt="a chair", backend_options={"steps": 5})
     job = worker.take()
-    assert (job.attempt, job.backend, job.input_data, job.prompt, job.options) == (
+    assert (job.attempt, job.backend, job.input_data, job.prompt, job.backend_options) == (
         1, "fake", b"image-bytes", "a chair", {"steps": 5})
     worker.outbox.put(JobProgress(job.job_id, job.attempt, "shape done"))
     worker.reply(job, glb=b"THE-GLB", info={"faces": 12}, debug_files={"mask.png": b"M"})
@@ -312,7 +312,7 @@ def test_full_pipeline_through_the_sdf_pool(start_broker, peers):
     client.request("r1", convert={"mass_kg": 2.0})
     worker.reply(worker.take(), glb=b"G")
     sdf_job = sdf.take()
-    assert (sdf_job.attempt, sdf_job.glb, sdf_job.name, sdf_job.options["mass_kg"]) == (1, b"G", "thing", 2.0)
+    assert (sdf_job.attempt, sdf_job.glb, sdf_job.name, sdf_job.convert["mass_kg"]) == (1, b"G", "thing", 2.0)
     sdf.reply(sdf_job)
     events, result = client.final("r1")
     assert kinds(events) == ["queued", "generating", "glb_ready", "converting"]

@@ -20,7 +20,7 @@ from geomgen.errors import ConvertError, InputError
 from geomgen.geometry import materials
 from geomgen.geometry.convert import ConversionReport, convert_file, convert_mesh
 from geomgen.geometry.frames import gltf_to_drake
-from geomgen.geometry.options import ConvertOptions
+from geomgen.contract import ConvertOptions
 from geomgen.geometry.sdf import DRAKE_NS, SDF_VERSION
 from tests.conftest import SHARED_DATA
 

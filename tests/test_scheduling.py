@@ -9,7 +9,7 @@ import pytest
 from geomgen.errors import InputError, Stage
 from geomgen.jobs import JobRecord, peek_request_id, peer_error, validate_request
 from geomgen.protocol import ClientRequest, encode
-from geomgen.scheduling import GpuWorker, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
+from geomgen.scheduling import GpuWorkerRecord, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
 
 
 def drain(queue: RoundRobinQueue) -> list[str]:
@@ -102,8 +102,8 @@ def test_rearming_a_wait_supersedes_the_old_deadline():
 
 def test_registry_hands_out_idle_workers_in_order_and_tracks_alive():
     reg = WorkerRegistry()
-    w1 = GpuWorker(b"i1", "w1", "mesh", last_seen=0.0)
-    w2 = GpuWorker(b"i2", "w2", "mesh", last_seen=0.0)
+    w1 = GpuWorkerRecord(b"i1", "w1", "mesh", last_seen=0.0)
+    w2 = GpuWorkerRecord(b"i2", "w2", "mesh", last_seen=0.0)
     assert reg.add(w1) == [] and reg.add(w2) == []
     assert reg.alive("mesh") == 2 and reg.alive("other") == 0
     first = reg.take_idle("mesh")
@@ -121,9 +121,9 @@ def test_registry_hands_out_idle_workers_in_order_and_tracks_alive():
 
 def test_registry_replaces_a_worker_that_registers_again():
     reg = WorkerRegistry()
-    old = GpuWorker(b"old", "w1", "mesh")
+    old = GpuWorkerRecord(b"old", "w1", "mesh")
     reg.add(old)
-    new = GpuWorker(b"new", "w1", "mesh")  # same worker_id on a new connection
+    new = GpuWorkerRecord(b"new", "w1", "mesh")  # same worker_id on a new connection
     assert reg.add(new) == [old]
     assert reg.get(b"old") is None and reg.get(b"new") is new
     assert reg.alive("mesh") == 1
@@ -131,11 +131,11 @@ def test_registry_replaces_a_worker_that_registers_again():
 
 def test_registry_reports_silent_workers():
     reg = WorkerRegistry()
-    reg.add(GpuWorker(b"a", "a", "mesh", last_seen=0.0))
-    reg.add(GpuWorker(b"b", "b", "mesh", last_seen=0.9))
+    reg.add(GpuWorkerRecord(b"a", "a", "mesh", last_seen=0.0))
+    reg.add(GpuWorkerRecord(b"b", "b", "mesh", last_seen=0.9))
     assert [w.worker_id for w in reg.silent(now=1.2, liveness=5, interval_s=0.1)] == ["a"]
     # a worker that declared a longer interval than ours is judged by its own
-    reg.add(GpuWorker(b"c", "c", "mesh", last_seen=0.0, heartbeat_interval_s=1.0))
+    reg.add(GpuWorkerRecord(b"c", "c", "mesh", last_seen=0.0, heartbeat_interval_s=1.0))
     assert [w.worker_id for w in reg.silent(now=1.2, liveness=5, interval_s=0.1)] == ["a"]
     assert sorted(w.worker_id for w in reg.silent(now=5.2, liveness=5, interval_s=0.1)) == ["a", "b", "c"]
 

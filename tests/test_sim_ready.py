@@ -18,7 +18,7 @@ from geomgen.geometry.drake_check import (
     drop_test,
     validate_sdf,
 )
-from geomgen.geometry.options import ConvertOptions
+from geomgen.contract import ConvertOptions
 from tests.conftest import SHARED_DATA
 from tests.shapes import SHAPES, shape_glb
 

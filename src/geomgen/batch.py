@@ -16,7 +16,7 @@ from typing import Any
 
 from geomgen import defaults
 from geomgen.errors import ConvertError, GenerateError, GeomgenError, InputError, TransportError
-from geomgen.geometry.options import ConvertOptions
+from geomgen.contract import ConvertOptions
 
 FINAL = "final"  # GeometryEvent.kind of the one event per item that carries its result
 _CONVERT_FIELDS = (

@@ -298,7 +298,7 @@ def convert(meshes, out_dir, up_axis, as_json, **convert_params) -> None:
     import time
 
     from geomgen.geometry.convert import convert_file
-    from geomgen.geometry.options import ConvertOptions
+    from geomgen.contract import ConvertOptions
 
     options = ConvertOptions.from_dict({**convert_fields(convert_params), "up_axis": up_axis})
     failed = 0

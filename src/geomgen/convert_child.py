@@ -92,7 +92,7 @@ def run(job_dir: str, glb: bytes, input_name: str, name: str, options: dict) -> 
     out_dir = root / OUT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        from geomgen.geometry.options import ConvertOptions
+        from geomgen.contract import ConvertOptions
 
         convert = resolve_convert_fn()
         report = convert(glb, input_name, out_dir, name, ConvertOptions.from_dict(options))
@@ -142,7 +142,7 @@ def checked_options(name: str, glb: bytes, options: dict) -> dict:
     """Check a job before a child is started for it: ``name`` is a plain file
     stem, ``glb`` is not empty, ``options`` a valid ConvertOptions map (returned
     complete). Raises InputError naming what is wrong."""
-    from geomgen.geometry.options import ConvertOptions
+    from geomgen.contract import ConvertOptions
 
     if not name or len(name) > MAX_NAME_CHARS or name in (".", "..") or any(c in name for c in "/\\\0"):
         raise InputError(f"output name {name!r} is not a plain file name", code="bad_name")
@@ -161,7 +161,7 @@ def checked_options(name: str, glb: bytes, options: dict) -> dict:
 
 
 def _options_ok(options: dict) -> bool:
-    from geomgen.geometry.options import ConvertOptions
+    from geomgen.contract import ConvertOptions
 
     try:
         ConvertOptions.from_dict(options)

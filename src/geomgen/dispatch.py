@@ -31,7 +31,7 @@ from geomgen.protocol import (
     WorkerReady,
     error_dict,
 )
-from geomgen.scheduling import SDF_POOL, GpuWorker, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
+from geomgen.scheduling import SDF_POOL, GpuWorkerRecord, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
 from geomgen.stats import BrokerStats
 
 log = logging.getLogger("geomgen.broker")
@@ -195,7 +195,7 @@ class Dispatcher:
             if job is not None:  # every path that ends a job takes it out of its queue; stay safe anyway
                 self._start(job, self.workers.take_idle(backend), now)
 
-    def _start(self, job: JobRecord, worker: GpuWorker, now: float) -> None:
+    def _start(self, job: JobRecord, worker: GpuWorkerRecord, now: float) -> None:
         self.waits.cancel(job.job_id)
         job.attempt += 1
         job.state, job.waiting_in, job.worker, job.attempt_started_at = JobState.GENERATING, None, worker.identity, now
@@ -262,7 +262,7 @@ class Dispatcher:
             log.warning("GPU worker %s sent READY without backend or worker_id; told it to go", identity.hex())
             self.out.to_worker(identity, Disconnect("READY needs a backend and a worker_id", msg.worker_id))
             return
-        worker = GpuWorker(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
+        worker = GpuWorkerRecord(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
                            last_seen=now, heartbeat_interval_s=msg.heartbeat_interval_s,
                            heartbeat_due=now + self.heartbeat_interval_s * random.uniform(0.5, 1.0))
         for old in self.workers.add(worker):
@@ -273,7 +273,7 @@ class Dispatcher:
                  msg.hostname, msg.pid, msg.gpu)
         self._dispatch(msg.backend, now)
 
-    def _job_result(self, worker: GpuWorker, res: JobResult, now: float) -> None:
+    def _job_result(self, worker: GpuWorkerRecord, res: JobResult, now: float) -> None:
         if worker.job_id != res.job_id or worker.attempt != res.attempt:
             self.stats.stale_results += 1
             log.info("dropped result of job %s attempt %d from worker %s: not its current job",
@@ -305,7 +305,7 @@ class Dispatcher:
             self._finish(job, now, error=peer_error(res.error, Stage.GENERATE, "generate_failed", fallback))
         self._dispatch(worker.backend, now)
 
-    def _lose_worker(self, worker: GpuWorker, now: float, reason: str, *, removed: bool = False,
+    def _lose_worker(self, worker: GpuWorkerRecord, now: float, reason: str, *, removed: bool = False,
                      left: bool = False) -> None:
         """Forget a dead, silent or departed (``left``) worker and re-queue the job it ran."""
         if not removed:
@@ -333,7 +333,7 @@ class Dispatcher:
 
     # --- SDF pool -------------------------------------------------------------------
 
-    def _glb_ready(self, job: JobRecord, res: JobResult, worker: GpuWorker, now: float) -> None:
+    def _glb_ready(self, job: JobRecord, res: JobResult, worker: GpuWorkerRecord, now: float) -> None:
         job.generate_s = now - job.attempt_started_at
         job.worker_generate_s = res.seconds
         job.gen_info, job.debug_files = dict(res.info), dict(res.debug_files)

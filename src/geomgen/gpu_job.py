@@ -80,8 +80,7 @@ def run_job(backend: Backend, backend_name: str, job: protocol.Job, channel: Job
             input_data=job.input_data,
             work_dir=work_dir,
             prompt=job.prompt,
-            options=scoped_options(job.options, backend_name),
-            sam3d_config=job.sam3d_config,
+            options=scoped_options(job.backend_options, backend_name),
             debug=job.debug,
             progress=progress,
         )

@@ -83,7 +83,7 @@ def validate_request(req: ClientRequest, is_known: Callable[[str], bool]) -> dic
     timeout_s = req.no_worker_timeout_s
     if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s >= 0):
         raise InputError(f"no_worker_timeout_s must be a number of seconds >= 0, got {timeout_s!r}", code="bad_request")
-    from geomgen.geometry.options import ConvertOptions
+    from geomgen.contract import ConvertOptions
 
     try:
         convert = ConvertOptions.from_dict(req.convert).to_dict()

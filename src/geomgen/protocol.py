@@ -79,9 +79,8 @@ class ClientRequest:
     output_name: str  # stem of the output files (GLB, SDF package folder)
     prompt: str | None = None
     scene_id: str | None = None
-    backend_options: dict = field(default_factory=dict)
-    sam3d_config: dict | None = None
-    convert: dict = field(default_factory=dict)  # ConvertOptions as a dict
+    backend_options: dict = field(default_factory=dict)  # BACKEND.KEY or plain keys; the old sam3d_config as sam3d.KEY
+    convert: dict = field(default_factory=dict)  # conversion options (contract.ConvertOptions fields)
     want_sdf: bool = True
     debug: bool = False
     no_worker_timeout_s: float | None = None
@@ -171,8 +170,7 @@ class Job:
     input_name: str
     input_data: bytes
     prompt: str | None = None
-    options: dict = field(default_factory=dict)  # per-request backend options
-    sam3d_config: dict | None = None
+    backend_options: dict = field(default_factory=dict)  # this request's options, scoped to this backend
     debug: bool = False
 
 
@@ -219,7 +217,7 @@ class SdfJob:
     attempt: int
     name: str  # output stem
     glb: bytes
-    options: dict = field(default_factory=dict)  # ConvertOptions as a dict
+    convert: dict = field(default_factory=dict)  # checked conversion options (contract.ConvertOptions fields)
 
 
 @dataclass

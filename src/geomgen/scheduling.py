@@ -155,7 +155,7 @@ class WaitList:
 
 
 @dataclass(eq=False)
-class GpuWorker:
+class GpuWorkerRecord:
     """A registered GPU worker as the broker sees it."""
 
     identity: bytes  # its DEALER identity on the worker ROUTER
@@ -185,7 +185,7 @@ class WorkerRegistry:
     picking a worker for a job is O(1)."""
 
     def __init__(self) -> None:
-        self._workers: dict[bytes, GpuWorker] = {}
+        self._workers: dict[bytes, GpuWorkerRecord] = {}
         self._by_worker_id: dict[str, bytes] = {}
         self._idle: dict[str, dict[bytes, None]] = {}
         self._alive: dict[str, int] = {}
@@ -193,13 +193,13 @@ class WorkerRegistry:
     def __len__(self) -> int:
         return len(self._workers)
 
-    def __iter__(self) -> Iterator[GpuWorker]:
+    def __iter__(self) -> Iterator[GpuWorkerRecord]:
         return iter(list(self._workers.values()))
 
-    def get(self, identity: bytes) -> GpuWorker | None:
+    def get(self, identity: bytes) -> GpuWorkerRecord | None:
         return self._workers.get(identity)
 
-    def add(self, worker: GpuWorker) -> list[GpuWorker]:
+    def add(self, worker: GpuWorkerRecord) -> list[GpuWorkerRecord]:
         """Register ``worker`` as idle; returns the registrations it replaces
         (same identity, or same worker_id on a new connection), already removed."""
         replaced = []
@@ -213,7 +213,7 @@ class WorkerRegistry:
         self._idle.setdefault(worker.backend, {})[worker.identity] = None
         return replaced
 
-    def remove(self, identity: bytes) -> GpuWorker | None:
+    def remove(self, identity: bytes) -> GpuWorkerRecord | None:
         worker = self._workers.pop(identity, None)
         if worker is None:
             return None
@@ -230,7 +230,7 @@ class WorkerRegistry:
     def has_idle(self, backend: str) -> bool:
         return bool(self._idle.get(backend))
 
-    def take_idle(self, backend: str) -> GpuWorker | None:
+    def take_idle(self, backend: str) -> GpuWorkerRecord | None:
         """The longest-idle worker of ``backend``, removed from the idle set."""
         idle = self._idle.get(backend)
         if not idle:
@@ -239,27 +239,27 @@ class WorkerRegistry:
         del idle[identity]
         return self._workers[identity]
 
-    def assign(self, worker: GpuWorker, job_id: str, attempt: int, now: float) -> None:
+    def assign(self, worker: GpuWorkerRecord, job_id: str, attempt: int, now: float) -> None:
         self._idle.get(worker.backend, {}).pop(worker.identity, None)
         worker.job_id, worker.attempt, worker.job_sent_at = job_id, attempt, now
 
-    def release(self, worker: GpuWorker) -> None:
+    def release(self, worker: GpuWorkerRecord) -> None:
         """The worker finished its job: idle again unless it is blocked."""
         worker.job_id, worker.attempt = None, 0
         if not worker.blocked and worker.identity in self._workers:
             self._idle.setdefault(worker.backend, {})[worker.identity] = None
 
-    def block(self, worker: GpuWorker) -> None:
+    def block(self, worker: GpuWorkerRecord) -> None:
         worker.blocked = True
         worker.job_id, worker.attempt = None, 0
         self._idle.get(worker.backend, {}).pop(worker.identity, None)
 
-    def unblock(self, worker: GpuWorker) -> None:
+    def unblock(self, worker: GpuWorkerRecord) -> None:
         worker.blocked = False
         if worker.job_id is None and worker.identity in self._workers:
             self._idle.setdefault(worker.backend, {})[worker.identity] = None
 
-    def silent(self, now: float, liveness: int, interval_s: float) -> list[GpuWorker]:
+    def silent(self, now: float, liveness: int, interval_s: float) -> list[GpuWorkerRecord]:
         """Workers not heard from for ``liveness`` heartbeat intervals: theirs, or
         ``interval_s`` if that is longer, so mismatched settings never flap."""
         return [w for w in self._workers.values()
@@ -270,7 +270,7 @@ class WorkerRegistry:
 
 
 @dataclass(eq=False)
-class SdfWorker:
+class SdfWorkerRecord:
     worker_id: str
     slots: int = 0
     free: int = 0
@@ -301,7 +301,7 @@ class SdfPool:
 
     def __init__(self, lease_s: float) -> None:
         self.lease_s = lease_s
-        self.workers: dict[str, SdfWorker] = {}
+        self.workers: dict[str, SdfWorkerRecord] = {}
         self.waiting: deque[str] = deque()  # job ids waiting for a slot
         self._free_total = 0
         self._unseen: set[tuple[str, int]] = set()
@@ -332,7 +332,7 @@ class SdfPool:
         worker = self.workers.get(worker_id)
         is_new = worker is None
         if worker is None:
-            worker = self.workers[worker_id] = SdfWorker(worker_id)
+            worker = self.workers[worker_id] = SdfWorkerRecord(worker_id)
         self._free_total += free - worker.free
         worker.slots, worker.free, worker.last_seen = slots, free, now
         worker.hostname = about.get("hostname", worker.hostname)
@@ -392,7 +392,7 @@ class SdfPool:
             out.append((job_id, attempt))
         return out
 
-    def remove(self, worker_id: str, now: float) -> SdfWorker | None:
+    def remove(self, worker_id: str, now: float) -> SdfWorkerRecord | None:
         """Drop a dead or departed worker: its slots stop counting and the
         leases of the jobs it held run out now."""
         worker = self.workers.pop(worker_id, None)

@@ -242,7 +242,7 @@ class SdfWorker:
                 log.warning("job %s attempt %d is already converting here; duplicate dropped", job.job_id, job.attempt)
                 continue
             try:
-                options = convert_child.checked_options(job.name, job.glb, job.options)
+                options = convert_child.checked_options(job.name, job.glb, job.convert)
             except GeomgenError as exc:
                 self._reply(job, error=exc.to_dict())
                 continue

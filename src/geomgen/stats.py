@@ -102,7 +102,7 @@ def health_report(
 ) -> dict:
     """The HealthReply map (docs/protocol.md "Health").
 
-    ``workers`` are live GpuWorker records; a worker counts as ``alive`` when
+    ``workers`` are live GpuWorkerRecord entries; a worker counts as ``alive`` when
     heard from within two heartbeat intervals, ``workers`` counts every live
     registration. ``job_states`` are the states of the jobs in flight.
     """

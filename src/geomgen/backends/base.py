@@ -24,8 +24,7 @@ class GenerationInput:
     input_data: bytes
     work_dir: Path  # private scratch folder, removed after the job
     prompt: str | None = None
-    options: dict = field(default_factory=dict)  # per-request overrides of backend options
-    sam3d_config: dict | None = None
+    options: dict = field(default_factory=dict)  # this request's overrides of backend options, scoped to it
     debug: bool = False
     progress: Callable[[str], None] = lambda detail: None  # report a step to the client
 

@@ -12,7 +12,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
 import shutil
 import time
 import uuid
@@ -27,13 +26,10 @@ from geomgen.geometry import materials
 from geomgen.geometry.decomposition import decompose
 from geomgen.geometry.frames import apply_transform, gltf_to_drake, input_transform
 from geomgen.geometry.inertia import check_not_flat, mass_properties
-from geomgen.geometry.options import ConvertOptions
+from geomgen.contract import ConvertOptions, check_output_name, convert_options, sanitize_stem
 from geomgen.geometry.repair import make_solid, scene_triangles
 from geomgen.geometry.sdf import SDF_VERSION, sdf_text, write_obj
 from geomgen.geometry.visual import pack_gltf, write_visual
-
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-
 
 @dataclass
 class ConversionReport:
@@ -74,17 +70,6 @@ class ConversionReport:
         return data
 
 
-def check_name(name: str) -> str:
-    """``name`` if it is a plain file stem (letters, digits, ``_ . -``; no path); else InputError ``bad_name``."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise InputError(
-            f"output name {name!r} must be a plain file stem: letters, digits, '_', '.', '-', at most 128 "
-            "characters, no path separators or '..'",
-            code="bad_name",
-        )
-    return name
-
-
 def convert_mesh(
     data: bytes, input_name: str, out_dir: Path, name: str, options: ConvertOptions | None = None
 ) -> ConversionReport:
@@ -106,8 +91,7 @@ def convert_file(path: Path, out_dir: Path, options: ConvertOptions | None = Non
     A .gltf may reference buffers and images beside it. Errors as convert_mesh.
     """
     path = Path(path)
-    if name is None:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem).strip("._-")[:128] or "model"
+    name = sanitize_stem(path.stem) if name is None else name
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -152,10 +136,9 @@ def _convert(
     data: bytes, input_name: str, out_dir: Path, name: str, options: ConvertOptions | dict | None, sources: list[dict]
 ) -> ConversionReport:
     start = time.monotonic()
-    check_name(name)
-    if options is None or isinstance(options, dict):
-        options = ConvertOptions.from_dict(options)  # a request's wire form
-    options.check()
+    check_output_name(name, "output name")
+    if not isinstance(options, ConvertOptions):
+        options = convert_options(options)  # a request's wire form
     staging = out_dir / f".{name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -216,10 +199,10 @@ def _build(
         warnings.append(f"collision pieces made by {pieces.method} after: " + "; ".join(pieces.fallbacks))
 
     material = materials.MATERIALS.get(options.material) if options.material else None
-    density = options.density_kg_m3 if options.density_kg_m3 is not None else (material.density_kg_m3 if material else None)
-    props = mass_properties(solid_drake, solid.faces, solid.watertight, pieces.pieces, options.mass_kg, density)
+    props = mass_properties(solid_drake, solid.faces, solid.watertight, pieces.pieces, options.mass_kg,
+                            options.density())
     warnings += props.warnings
-    mu = options.mu if options.mu is not None else (material.mu if material else materials.DEFAULT_MU)
+    mu = options.friction()
     modulus = None
     if options.hydroelastic:
         modulus = options.hydroelastic_modulus_pa or (
