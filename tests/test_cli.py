@@ -54,7 +54,8 @@ def test_top_level_help_lists_every_command():
 @pytest.mark.parametrize("args, message", [
     (["health", "--broker", "tcp://[oops"], "cannot read broker address"),
     (["gpu-worker", "--backend", "mesh", "--backend-option", "no-equals-sign"], "expected KEY=VALUE"),
-    (["generate", "x.png", "--out", "o", "--mass-kg", "1", "--density", "2"], "at most one of"),
+    (["generate", "x.png", "--out", "o", "--mass-kg", "1", "--density", "2"], "mass_kg or density_kg_m3"),
+    (["convert", "x.glb", "--out", "o", "--collision-param", "thresold=0.1"], "unknown coacd collision option(s) thresold"),
 ])
 def test_bad_arguments_give_one_clear_line(args, message):
     result = CliRunner().invoke(cli, args)

@@ -145,7 +145,7 @@ def test_client_side_errors_are_per_item_and_never_sent(fake_broker, inputs, tmp
         1: ("input", "empty_input"),
         2: ("input", "unknown_format"),
         3: ("input", "bad_output_dir"),
-        4: ("input", "bad_output_filename"),
+        4: ("input", "bad_name"),
         5: ("input", "bad_option"),
         6: ("input", "wrong_input_kind"),
         8: ("input", "too_large"),

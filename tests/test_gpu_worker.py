@@ -148,7 +148,7 @@ def spawn(tmp_path, endpoints):
 
 def job(backend: str, data: bytes = b"not a mesh", **options) -> protocol.Job:
     return protocol.Job(job_id=uuid.uuid4().hex[:8], attempt=1, backend=backend, input_name="input.png",
-                        input_data=data, options=options)
+                        input_data=data, backend_options=options)
 
 
 def test_ready_after_load_then_a_job_returns_a_glb(broker, spawn):

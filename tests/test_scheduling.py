@@ -7,7 +7,8 @@ import msgpack
 import pytest
 
 from geomgen.errors import InputError, Stage
-from geomgen.jobs import JobRecord, peek_request_id, peer_error, validate_request
+from geomgen.backends.mesh import MeshBackend
+from geomgen.jobs import AcceptedTerms, JobRecord, peek_request_id, peer_error, validate_request
 from geomgen.protocol import ClientRequest, encode
 from geomgen.scheduling import GpuWorkerRecord, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
 
@@ -209,27 +210,40 @@ def request(**fields) -> ClientRequest:
     [
         ({"request_id": ""}, "bad_request"),
         ({"backend": ""}, "bad_request"),
-        ({"output_name": ""}, "bad_request"),
-        ({"output_name": "../up"}, "bad_request"),
+        ({"output_name": ""}, "bad_name"),
+        ({"output_name": "../up"}, "bad_name"),
+        ({"output_name": "my chair"}, "bad_name"),
+        ({"output_name": "-x"}, "bad_name"),
         ({"input_data": b""}, "bad_request"),
         ({"no_worker_timeout_s": -1.0}, "bad_request"),
         ({"no_worker_timeout_s": float("nan")}, "bad_request"),
         ({"convert": {"mass_kg": -2}}, "bad_option"),
         ({"convert": {"no_such_option": 1}}, "bad_option"),
         ({"convert": {"dimensions": "big"}}, "bad_option"),
+        ({"convert": {"collision_params": {"thresold": 0.1}}}, "bad_option"),
+        ({"convert": {"collision": "hull", "collision_params": {"threshold": 0.1}}}, "bad_option"),
         ({"backend": "nope"}, "unknown_backend"),
+        ({"backend_options": {"unti": "mm"}}, "bad_option"),
+        ({"backend_options": {"mesh.unit": "furlong"}}, "bad_option"),
     ],
 )
 def test_validate_request_names_the_bad_field(fields, code):
     with pytest.raises(InputError) as info:
-        validate_request(request(**fields), lambda name: name == "mesh")
+        validate_request(request(**fields), lambda name: name == "mesh", lambda name: MeshBackend.options_spec)
     assert info.value.code == code and info.value.stage is Stage.INPUT
     assert len(info.value.message) > 10
 
 
 def test_validate_request_returns_full_options():
-    options = validate_request(request(convert={"mass_kg": 2.0}), lambda name: True)
-    assert options["mass_kg"] == 2.0 and options["collision"] == "coacd"
+    terms = validate_request(request(convert={"mass_kg": 2}, backend_options={"mesh.unit": "MM", "silhouette.x": 1}),
+                             lambda name: True, lambda name: MeshBackend.options_spec)
+    assert terms.convert["mass_kg"] == 2.0 and terms.convert["collision"] == "coacd"
+    assert terms.backend_options == {"unit": "mm"} and terms.options_checked
+
+
+def test_validate_request_leaves_undeclared_options_to_the_worker():
+    terms = validate_request(request(backend_options={"anything": 1}), lambda name: True, lambda name: None)
+    assert terms.backend_options == {"anything": 1} and not terms.options_checked
 
 
 def test_peek_and_peer_error_helpers():
@@ -245,7 +259,7 @@ def test_peek_and_peer_error_helpers():
 
 
 def test_job_timings_are_rounded_seconds():
-    job = JobRecord("j", b"c", request(), {}, "s", accepted_at=10.0, no_worker_timeout_s=1.0)
+    job = JobRecord("j", b"c", request(), AcceptedTerms({}, {}, True), "s", accepted_at=10.0, no_worker_timeout_s=1.0)
     assert job.timings(11.0) == {"queue_wait_s": 1.0, "total_s": 1.0}
     job.dispatched_at, job.generate_s = 10.5, 0.25
     assert job.timings(12.0) == {"queue_wait_s": 0.5, "total_s": 2.0, "generate_s": 0.25}

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from geomgen import defaults
+from geomgen import contract, defaults
 from geomgen.errors import ConvertError, GenerateError, GeomgenError, InputError, TransportError
-from geomgen.contract import ConvertOptions
 
 FINAL = "final"  # GeometryEvent.kind of the one event per item that carries its result
 _CONVERT_FIELDS = (
@@ -32,9 +31,12 @@ class GeometryRequest:
     ``image_path`` is the input file: an image, or a mesh file (GLB, glTF, OBJ,
     PLY, STL) for the ``mesh`` backend. Outputs go to ``<output_dir>/<stem>.glb``
     and ``<output_dir>/<stem>/<stem>.sdf`` (with the package's other files),
-    where the stem is ``output_filename`` or, by default, the input's stem.
-    The SDF fields map onto :class:`ConvertOptions` (Drake frame, SI units);
-    ``convert_options`` passes any other ConvertOptions field.
+    where the stem is ``output_filename`` (checked: letters, digits, ``_ . -``)
+    or, by default, the input's stem made valid (``my chair.png`` -> ``my_chair``;
+    see contract.sanitize_stem). The SDF fields map onto
+    :class:`geomgen.contract.ConvertOptions` (Drake frame, SI units);
+    ``convert_options`` passes any other ConvertOptions field. ``sam3d_config``
+    (the old API's) travels as the sam3d backend's options.
     """
 
     image_path: str | os.PathLike
@@ -60,11 +62,11 @@ class GeometryRequest:
     no_worker_timeout_s: float | None = None  # broker's wait for a live worker; None: the broker's default
 
     def convert_dict(self) -> dict[str, Any]:
-        """The validated ConvertOptions of this request as a wire dict; raises InputError."""
+        """The checked conversion options of this request as a wire dict; raises InputError."""
         if not isinstance(self.convert_options, dict):
             raise InputError("convert_options must be a map of ConvertOptions fields", code="bad_option")
         data = dict(self.convert_options)
-        default = ConvertOptions()
+        default = contract.ConvertOptions()
         for name in _CONVERT_FIELDS:
             value = getattr(self, name)
             if value == getattr(default, name):
@@ -73,7 +75,7 @@ class GeometryRequest:
                 raise InputError(f"{name} is given twice with different values (field and convert_options)",
                                  code="bad_option")
             data[name] = list(value) if name == "dimensions" and isinstance(value, tuple) else value
-        return ConvertOptions.from_dict(data).to_dict()
+        return contract.convert_options(data).to_dict()
 
 
 @dataclass
@@ -133,15 +135,15 @@ def failure(index: int, request: Any, exc: GeomgenError) -> GeometryResult:
                           error=exc.message, backend=backend if isinstance(backend, str) else "")
 
 
-def input_kind(backend: str) -> str | None:
-    """What a backend registered here takes ("image" or "mesh"); None if unknown here
-    (a plug-in registered only at the broker's side)."""
+def local_backend(backend: str) -> type | None:
+    """The Backend class registered here as ``backend``; None if unknown here (a
+    plug-in registered only at the broker's side) or not importable here."""
     from geomgen.backends import backend_names, load_backend_class
 
     if backend not in backend_names():
         return None
     try:
-        return load_backend_class(backend).input_kind
+        return load_backend_class(backend)
     except GeomgenError:
         return None
 
@@ -162,18 +164,6 @@ def read_input(path: Path) -> bytes:
         raise InputError(f"input file {path} does not exist", code="missing_file") from None
     except OSError as exc:
         raise InputError(f"cannot read input file {path}: {exc.strerror or exc}", code="unreadable") from None
-
-
-def output_stem(name: Any, input_path: Path) -> str:
-    """The output stem: ``name`` (a trailing .glb dropped) or the input's stem; never a path."""
-    stem = input_path.stem if name is None else name
-    if isinstance(stem, str) and stem.lower().endswith(".glb"):
-        stem = stem[:-4]
-    if (not isinstance(stem, str) or not stem.strip() or stem in (".", "..") or len(stem) > 200
-            or any(c in "/\\" or ord(c) < 32 for c in stem)):
-        raise InputError(f"output_filename {name!r} must be a plain file stem: no '/', '\\', '..' or control "
-                         "characters, so the outputs stay inside output_dir", code="bad_output_filename")
-    return stem
 
 
 def writable_dir(value: Any, field_name: str) -> Path:
@@ -230,38 +220,33 @@ class CheckedRequest:
     kind: str  # "image" or "mesh", from the bytes
     stem: str
     output_dir: Path
-    convert: dict  # ConvertOptions as a wire dict
+    convert: dict  # checked conversion options as a wire dict
+    backend_options: dict  # as given, with sam3d_config folded in as sam3d.KEY; checked per backend by the client
 
 
 def check_request(index: int, request: Any) -> CheckedRequest:
     """Check a request's fields, folders and input file before anything is sent.
 
     Raises InputError naming the field or file: bad types, conversion options
-    out of range, an output_filename leaving output_dir, folders that cannot be
-    written, a missing, unreadable, empty, oversized or unrecognised input.
+    out of range, an output_filename that is not a plain file stem, folders that
+    cannot be written, a missing, unreadable, empty, oversized or unrecognised
+    input. The backend's options are checked once the backend is chosen.
     """
     if not isinstance(request, GeometryRequest):
         raise InputError(f"item {index} is a {type(request).__name__}, not a GeometryRequest", code="bad_request")
     for name in ("prompt", "scene_id"):
-        if not isinstance(getattr(request, name), (str, type(None))):
-            raise InputError(f"{name} must be a string or None", code="bad_request")
-    if not isinstance(request.backend_options, dict):
-        raise InputError("backend_options must be a map of option -> value", code="bad_request")
-    if not isinstance(request.sam3d_config, (dict, type(None))):
-        raise InputError("sam3d_config must be a map or None", code="bad_request")
+        contract.check_text(name, getattr(request, name))
+    backend_options = contract.with_sam3d_config(request.backend_options, request.sam3d_config)
     if not isinstance(request.want_sdf, bool):
         raise InputError("want_sdf must be true or false", code="bad_request")
-    timeout_s = request.no_worker_timeout_s
-    if timeout_s is not None and (not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool)
-                                  or timeout_s <= 0):
-        raise InputError(f"no_worker_timeout_s must be a number > 0, got {timeout_s!r}", code="bad_request")
-    convert = request.convert_dict()
+    contract.check_seconds("no_worker_timeout_s", request.no_worker_timeout_s)
+    convert = request.convert_dict() if request.want_sdf else {}
     path = Path(request.image_path).expanduser()
-    stem = output_stem(request.output_filename, path)
+    stem = contract.output_stem(request.output_filename, path.name)
     output_dir = writable_dir(request.output_dir, "output_dir")
     if request.debug_folder is not None:
         writable_dir(request.debug_folder, "debug_folder")
     data = read_input(path)
     from geomgen.inputs import sniff_kind
 
-    return CheckedRequest(path, data, sniff_kind(path.name, data), stem, output_dir, convert)
+    return CheckedRequest(path, data, sniff_kind(path.name, data), stem, output_dir, convert, backend_options)

@@ -211,7 +211,6 @@ class Broker:
             d.stats, time.monotonic(), header=header, backend_names=d.available_backends(),
             workers=list(d.workers), sdf=d.sdf, queues=d.queues,
             job_states=[job.state.value for job in d.jobs.values()],
-            heartbeat_interval_s=d.heartbeat_interval_s,
         )
 
     # --- receiving -----------------------------------------------------------------

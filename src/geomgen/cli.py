@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from geomgen import __version__, defaults
+from geomgen import __version__, contract, defaults
 from geomgen.endpoints import Endpoints, parse_broker
 from geomgen.errors import GeomgenError, InputError
 
@@ -84,7 +84,8 @@ def _logging(verbose: int, default: int = logging.INFO) -> None:
 def convert_options(fn):
     """Conversion flags shared by `generate` and `convert` (ConvertOptions fields)."""
     options = [
-        click.option("--mass-kg", type=float, help="Mass of the object in kg. Excludes --density/--material."),
+        click.option("--mass-kg", type=float, help="Mass of the object in kg. Excludes --density; with "
+                                                   "--material, the material sets the friction."),
         click.option("--density", "density_kg_m3", type=float,
                      help=f"Density in kg/m^3, times the volume gives the mass (default "
                           f"{defaults.DENSITY_KG_M3:g} when no mass, density or material is given)."),
@@ -106,10 +107,8 @@ def convert_options(fn):
 
 
 def convert_fields(params: dict[str, Any]) -> dict[str, Any]:
-    """The ConvertOptions fields given on the command line (unset ones left out)."""
-    given = [name for name in ("mass_kg", "density_kg_m3", "material") if params.get(name) is not None]
-    if len(given) > 1:
-        raise click.UsageError("give at most one of --mass-kg, --density and --material")
+    """The ConvertOptions fields given on the command line (unset ones left out),
+    checked by the request contract: a bad flag stops the command before any work."""
     fields = {name: params[name] for name in ("mass_kg", "density_kg_m3", "material", "mu", "scale")
               if params.get(name) is not None}
     if params.get("dimensions"):
@@ -117,6 +116,10 @@ def convert_fields(params: dict[str, Any]) -> dict[str, Any]:
     fields["collision"] = params["collision"]
     fields["collision_params"] = {k: _number_or_text(v) for k, v in params["collision_params"].items()}
     fields["hydroelastic"] = bool(params.get("hydroelastic"))
+    try:
+        contract.convert_options(fields)
+    except InputError as exc:
+        raise click.UsageError(exc.message) from None
     return fields
 
 

@@ -298,9 +298,9 @@ def convert(meshes, out_dir, up_axis, as_json, **convert_params) -> None:
     import time
 
     from geomgen.geometry.convert import convert_file
-    from geomgen.contract import ConvertOptions
+    from geomgen.contract import convert_options
 
-    options = ConvertOptions.from_dict({**convert_fields(convert_params), "up_axis": up_axis})
+    options = convert_options({**convert_fields(convert_params), "up_axis": up_axis})
     failed = 0
     for path in meshes:
         row: dict[str, Any] = {"input": str(path), "status": "ok", "sdf_path": None, "collision_pieces": None,

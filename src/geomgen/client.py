@@ -28,10 +28,11 @@ from geomgen.batch import (
     check_request,
     failure,
     final_event,
-    input_kind,
+    local_backend,
     write_file,
     write_package,
 )
+from geomgen.contract import check_backend_options
 from geomgen.errors import GeomgenError, InputError, ProtocolError, TransportError
 from geomgen.protocol import Command, EventKind
 
@@ -83,7 +84,7 @@ class GeometryClient:
         self._socket: zmq.Socket | None = None
         self._inbox: collections.deque = collections.deque()  # messages read by health() for generate()
         self._auto_backend: str | GeomgenError | None = None  # backend=auto for images, per generate() call
-        self._input_kinds: dict[str, str | None] = {}  # backend -> input kind; reading the registry costs ms
+        self._classes: dict[str, type | None] = {}  # backend -> its class here; reading the registry costs ms
         self._claimed: dict[tuple[Path, str], int] = {}  # (output folder, stem) -> index, per generate() call
         self._connect()
 
@@ -199,7 +200,7 @@ class GeometryClient:
         requests = list(requests)
         call_id = uuid.uuid4().hex[:8]
         self._auto_backend = None
-        self._input_kinds = {}
+        self._classes = {}
         self._claimed = {}
         outstanding: dict[str, _Item] = {}
         finished: set[str] = set()
@@ -326,12 +327,15 @@ class GeometryClient:
             raise InputError(f"item {self._claimed[target]} of this batch already writes {checked.stem!r} into "
                              f"{checked.output_dir}; give this one another output_filename", code="duplicate_output")
         backend = self._choose_backend(request.backend, checked.kind, checked.path)
+        # The broker checks them too; checked here when the backend is installed
+        # on this side, so a misspelt option never leaves the client.
+        cls = self._backend_class(backend)
+        check_backend_options(backend, cls.options_spec if cls else None, checked.backend_options)
         timeout_s = request.no_worker_timeout_s
         message = protocol.ClientRequest(
             request_id=request_id, backend=backend, input_name=checked.path.name, input_data=checked.data,
             output_name=checked.stem, prompt=request.prompt, scene_id=request.scene_id,
-            backend_options=dict(request.backend_options), sam3d_config=request.sam3d_config,
-            convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
+            backend_options=checked.backend_options, convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
             no_worker_timeout_s=None if timeout_s is None else float(timeout_s), events=progress_events,
         )
         self._claimed[target] = index
@@ -343,9 +347,8 @@ class GeometryClient:
             raise InputError(f"backend must be a name such as 'auto', got {backend!r}", code="bad_request")
         if backend == "auto":
             return "mesh" if kind == "mesh" else self._auto_image_backend()
-        if backend not in self._input_kinds:
-            self._input_kinds[backend] = input_kind(backend)
-        expected = self._input_kinds[backend]
+        cls = self._backend_class(backend)
+        expected = cls.input_kind if cls is not None else None
         if expected is not None and expected != kind:
             raise InputError(
                 f"backend {backend!r} takes {expected} files but {path.name} is {'an' if kind == 'image' else 'a'} "
@@ -353,6 +356,11 @@ class GeometryClient:
                 code="wrong_input_kind",
             )
         return backend
+
+    def _backend_class(self, backend: str) -> type | None:
+        if backend not in self._classes:
+            self._classes[backend] = local_backend(backend)
+        return self._classes[backend]
 
     def _auto_image_backend(self) -> str:
         """The first GPU backend with a live worker at the broker, else silhouette (once per call)."""

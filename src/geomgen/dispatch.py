@@ -14,7 +14,11 @@ from typing import Any, Iterable, Protocol
 
 from geomgen import defaults
 from geomgen.errors import InputError, Stage
+from geomgen.backends import load_backend_class
+from geomgen.contract import check_backend_options
+from geomgen.errors import GeomgenError
 from geomgen.jobs import JobRecord, peer_error, validate_request
+from geomgen.optionspec import specs_from_wire
 from geomgen.protocol import (
     BrokerHeartbeat,
     ClientRequest,
@@ -70,6 +74,9 @@ class Dispatcher:
         self.queues: dict[str, RoundRobinQueue] = {}
         self.workers = WorkerRegistry()
         self.registered: set[str] = set()  # backends some worker has registered
+        # Each backend's declared options: from its workers' READY, else from the
+        # backend class when it is installed here (None: undeclared, or unknown here).
+        self.declared: dict[str, tuple | None] = {}
         self.sdf = SdfPool(sdf_lease_s)
         self.waits = WaitList()
         self.stats = BrokerStats(started_at=now)
@@ -93,7 +100,8 @@ class Dispatcher:
             log.info("ignored request %s from client %s: already in flight", req.request_id, identity.hex())
             return
         try:
-            convert = validate_request(req, lambda name: name in self.known_backends or name in self.registered)
+            terms = validate_request(req, lambda name: name in self.known_backends or name in self.registered,
+                                     self.option_specs)
         except InputError as exc:
             message = exc.message
             if exc.code == "unknown_backend":
@@ -102,7 +110,7 @@ class Dispatcher:
             return
         timeout_s = self.no_worker_timeout_s if req.no_worker_timeout_s is None else float(req.no_worker_timeout_s)
         job_id = f"{self._job_prefix}{next(self._job_numbers):x}"
-        job = JobRecord(job_id, identity, req, convert, req.scene_id or f"client:{identity.hex()}",
+        job = JobRecord(job_id, identity, req, terms, req.scene_id or f"client:{identity.hex()}",
                         accepted_at=now, no_worker_timeout_s=timeout_s)
         self.jobs[job.job_id] = job
         self.keys[(identity, req.request_id)] = job.job_id
@@ -110,6 +118,15 @@ class Dispatcher:
         self._event(job, EventKind.QUEUED, detail=f"backend {req.backend}, scene {job.scene_key}")
         self._enqueue(job, now)
         self._dispatch(req.backend, now)
+
+    def option_specs(self, backend: str) -> tuple | None:
+        """The options ``backend`` declares (OptionSpec), or None when undeclared or unknown here."""
+        if backend not in self.declared:
+            try:
+                self.declared[backend] = load_backend_class(backend).options_spec
+            except GeomgenError:  # a plug-in installed only where its workers run: learnt at READY
+                return None
+        return self.declared[backend]
 
     def reject(self, identity: bytes, request_id: str, backend: str, stage: Any, code: str, message: str) -> None:
         """Answer a request that was never accepted with its one FINAL error."""
@@ -197,6 +214,17 @@ class Dispatcher:
 
     def _start(self, job: JobRecord, worker: GpuWorkerRecord, now: float) -> None:
         self.waits.cancel(job.job_id)
+        if not job.terms.options_checked and worker.option_specs is not None:
+            # Accepted before any declaration was known: checked against this
+            # worker's before it spends a second on the job.
+            try:
+                job.terms.backend_options = check_backend_options(job.request.backend, worker.option_specs,
+                                                                  job.terms.backend_options)
+            except InputError as exc:
+                self.workers.release(worker)
+                self._finish(job, now, error=exc.to_dict())
+                return
+            job.terms.options_checked = True
         job.attempt += 1
         job.state, job.waiting_in, job.worker, job.attempt_started_at = JobState.GENERATING, None, worker.identity, now
         if job.dispatched_at is None:
@@ -205,7 +233,7 @@ class Dispatcher:
         self.workers.assign(worker, job.job_id, job.attempt, now)
         req = job.request
         message = Job(job.job_id, job.attempt, req.backend, req.input_name, req.input_data, req.prompt,
-                      req.backend_options, req.sam3d_config, req.debug)
+                      job.terms.backend_options, req.debug)
         worker.heartbeat_due = now + self.heartbeat_interval_s  # the job tells it the broker is alive
         if not self.out.to_worker(worker.identity, message):
             # The worker's connection is gone and it never saw the job: not a counted attempt.
@@ -262,16 +290,45 @@ class Dispatcher:
             log.warning("GPU worker %s sent READY without backend or worker_id; told it to go", identity.hex())
             self.out.to_worker(identity, Disconnect("READY needs a backend and a worker_id", msg.worker_id))
             return
+        try:
+            specs = specs_from_wire(msg.info.get("options"))
+        except (ValueError, TypeError) as exc:
+            log.warning("GPU worker %s declared options the broker cannot read (%s); its requests are checked "
+                        "where they run", msg.worker_id, exc)
+            specs = None
         worker = GpuWorkerRecord(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
-                           last_seen=now, heartbeat_interval_s=msg.heartbeat_interval_s,
-                           heartbeat_due=now + self.heartbeat_interval_s * random.uniform(0.5, 1.0))
-        for old in self.workers.add(worker):
-            self._lose_worker(old, now, "it registered again", removed=True)
+                                 option_specs=specs, last_seen=now, heartbeat_interval_s=msg.heartbeat_interval_s,
+                                 heartbeat_due=now + self.heartbeat_interval_s * random.uniform(0.5, 1.0))
+        running = _running_job(msg.info.get("running_job"))
+        replaced = self.workers.add(worker)
+        for old in replaced:
+            if running is not None and (old.job_id, old.attempt) == running:
+                # It reconnected mid-job (a new connection, the same process): the
+                # job goes on there, so it keeps the job instead of losing it.
+                self._transfer(old, worker, now)
+            else:
+                self._lose_worker(old, now, "it registered again", removed=True)
+        if running is not None and worker.job_id is None:
+            # Busy with a job this broker did not give it (the broker restarted):
+            # no work until a heartbeat says it is idle.
+            self.workers.block(worker)
+        if specs is not None or msg.backend not in self.declared:
+            self.declared[msg.backend] = specs
         self.registered.add(msg.backend)
         self.stats.backend(msg.backend).registrations += 1
         log.info("GPU worker %s ready: backend %s on %s (pid %d, gpu %s)", msg.worker_id, msg.backend,
                  msg.hostname, msg.pid, msg.gpu)
         self._dispatch(msg.backend, now)
+
+    def _transfer(self, old: GpuWorkerRecord, new: GpuWorkerRecord, now: float) -> None:
+        """The job ``old`` ran continues on ``new``, the same worker on a new connection."""
+        self.workers.assign(new, old.job_id, old.attempt, now)
+        new.job_sent_at, new.completed, new.failed = old.job_sent_at, old.completed, old.failed
+        job = self.jobs.get(old.job_id)
+        if job is not None and job.state is JobState.GENERATING and job.attempt == old.attempt:
+            job.worker = new.identity
+        log.info("GPU worker %s reconnected mid-job; job %s attempt %d goes on there", new.worker_id, old.job_id,
+                 old.attempt)
 
     def _job_result(self, worker: GpuWorkerRecord, res: JobResult, now: float) -> None:
         if worker.job_id != res.job_id or worker.attempt != res.attempt:
@@ -358,7 +415,7 @@ class Dispatcher:
                 pool.waiting.popleft()
                 continue
             attempt = job.sdf_attempt + 1
-            if not self.out.to_sdf(SdfJob(job.job_id, attempt, job.request.output_name, job.glb, job.convert)):
+            if not self.out.to_sdf(SdfJob(job.job_id, attempt, job.request.output_name, job.glb, job.terms.convert)):
                 return
             pool.waiting.popleft()
             self.waits.cancel(job.job_id)
@@ -478,6 +535,14 @@ class Dispatcher:
             message = (f"no worker for backend {pool!r} was connected within {job.no_worker_timeout_s:g} s; "
                        f"start one with `geomgen gpu-worker --backend {pool} --broker {self.address}`")
         self._finish(job, now, error=error_dict(Stage.TRANSPORT, "no_worker", message))
+
+
+def _running_job(value: Any) -> tuple[str, int] | None:
+    """A READY's ``info.running_job`` ([job_id, attempt]) when well formed."""
+    if (isinstance(value, (list, tuple)) and len(value) == 2 and isinstance(value[0], str)
+            and isinstance(value[1], int) and not isinstance(value[1], bool)):
+        return value[0], value[1]
+    return None
 
 
 class _ActivityLog:

@@ -16,7 +16,8 @@ from pathlib import Path
 import zmq
 
 from geomgen import protocol
-from geomgen.backends.base import Backend, GenerationInput, GenerationOutput, scoped_options
+from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
+from geomgen.contract import scoped_options
 from geomgen.errors import GeomgenError, Stage
 
 log = logging.getLogger("geomgen.gpu_worker")

@@ -21,7 +21,9 @@ import zmq
 
 from geomgen import __version__, defaults, gpu_job, protocol
 from geomgen.backends import load_backend_class
-from geomgen.backends.base import Backend, scoped_options
+from geomgen.backends.base import Backend
+from geomgen.contract import check_backend_options, scoped_options
+from geomgen.optionspec import specs_to_wire
 from geomgen.endpoints import Endpoints
 from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import BackendUnavailable, GeomgenError, InputError, ProtocolError, Stage, UnknownBackend
@@ -170,7 +172,8 @@ class GpuWorker:
         sock.connect(self.endpoints.worker)
         self._socket = sock
         self._poller.register(sock, zmq.POLLIN)
-        info = {"version": __version__, "input_kind": self.backend.input_kind, "uses_gpu": self.backend.uses_gpu}
+        info = {"version": __version__, "input_kind": self.backend.input_kind, "uses_gpu": self.backend.uses_gpu,
+                "options": specs_to_wire(self.backend.options_spec)}
         if self._job is not None:
             # Re-announced mid-job: tell the broker so it does not route to us yet.
             info["running_job"] = [self._job.job_id, self._job.attempt]
@@ -256,6 +259,13 @@ class GpuWorker:
         if self._job is not None:
             self._refuse(job, Stage.TRANSPORT, "busy",
                          f"worker {self.worker_id} is busy with job {self._job.job_id}; send it elsewhere")
+            return
+        try:
+            # The broker checked them against the declaration this worker sent at
+            # READY; checked again here, at this boundary, before any GPU second.
+            check_backend_options(self.backend_name, self.backend.options_spec, job.backend_options)
+        except InputError as exc:
+            self._refuse(job, exc.stage, exc.code, exc.message)
             return
         # A daemon thread: a job abandoned at shutdown must not keep the process alive.
         thread = threading.Thread(target=gpu_job.run_job, args=(self.backend, self.backend_name, job, self._channel),

@@ -7,14 +7,24 @@ monotonic seconds.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import msgpack
 
+from geomgen import contract
 from geomgen.errors import InputError, Stage
 from geomgen.protocol import ClientRequest, JobState
+
+
+@dataclass
+class AcceptedTerms:
+    """What the broker keeps of a request that met the contract."""
+
+    convert: dict  # conversion options, normalised (contract.ConvertOptions fields)
+    backend_options: dict  # this request's options for its backend, scoped (and parsed when declared)
+    options_checked: bool  # False: the backend declared no options here yet; checked at dispatch
+
 
 @dataclass(eq=False)
 class JobRecord:
@@ -23,7 +33,7 @@ class JobRecord:
     job_id: str  # <broker id prefix>-<counter, hex>, the id workers see
     client: bytes  # the client's DEALER identity
     request: ClientRequest
-    convert: dict  # validated ConvertOptions as a dict
+    terms: AcceptedTerms
     scene_key: str  # scene_id, or client:<identity hex>
     accepted_at: float
     no_worker_timeout_s: float
@@ -65,35 +75,27 @@ class JobRecord:
         return {key: round(value, 6) for key, value in out.items()}
 
 
-def validate_request(req: ClientRequest, is_known: Callable[[str], bool]) -> dict:
-    """Check what decoding cannot: empty names, the conversion options, the
-    backend, the no-worker wait. Returns the validated options as a dict;
-    raises InputError (stage input) with a sentence naming the field."""
+def validate_request(req: ClientRequest, is_known: Callable[[str], bool],
+                     specs: Callable[[str], tuple | None]) -> AcceptedTerms:
+    """Check a request against the contract before it is queued: ids, the
+    output name, the input bytes, the no-worker wait, the conversion options
+    and the backend's declared options (``specs(backend)``, None when not
+    declared). Raises InputError (stage input) naming the field."""
     if not req.request_id:
         raise InputError("request_id is empty; give every item of a batch its own id", code="bad_request")
     if not req.backend:
         raise InputError("backend is empty; name a backend such as silhouette or mesh", code="bad_request")
-    if not req.output_name or req.output_name in (".", "..") or any(c in req.output_name for c in "/\\\0"):
-        raise InputError(
-            f"output_name {req.output_name!r} must be a plain file stem (no folders); it names the GLB and SDF package",
-            code="bad_request",
-        )
+    contract.check_output_name(req.output_name, "output_name")
     if not req.input_data:
         raise InputError(f"input {req.input_name!r} is empty; send the file's bytes", code="bad_request")
-    timeout_s = req.no_worker_timeout_s
-    if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s >= 0):
-        raise InputError(f"no_worker_timeout_s must be a number of seconds >= 0, got {timeout_s!r}", code="bad_request")
-    from geomgen.contract import ConvertOptions
-
-    try:
-        convert = ConvertOptions.from_dict(req.convert).to_dict()
-    except InputError:
-        raise
-    except Exception as exc:  # a wrong type deep in an option; still the client's input
-        raise InputError(f"bad conversion options: {exc}", code="bad_option") from None
+    contract.check_seconds("no_worker_timeout_s", req.no_worker_timeout_s)
+    contract.check_text("prompt", req.prompt)
+    convert = contract.convert_options(req.convert).to_dict() if req.want_sdf else {}
     if not is_known(req.backend):
         raise InputError(f"unknown backend {req.backend!r}", code="unknown_backend")
-    return convert
+    declared = specs(req.backend)
+    options = contract.check_backend_options(req.backend, declared, req.backend_options)
+    return AcceptedTerms(convert, options, declared is not None)
 
 
 def peek_request_id(frames: list) -> str | None:

@@ -102,7 +102,10 @@ class OptionSpec:
         if pattern is not None:
             if not isinstance(pattern, str):
                 raise ValueError(f"option {data['name']!r}: pattern must be a string")
-            re.compile(pattern)
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"option {data['name']!r}: pattern {pattern!r} is not a regular expression ({exc})") from None
         return cls(name=data["name"], kind=str(data.get("kind")), default=data.get("default"), low=low, high=high,
                    choices=tuple(choices), aliases={str(k): v for k, v in aliases.items()}, pattern=pattern,
                    allow_empty=bool(data.get("allow_empty")), per_request=bool(data.get("per_request", True)),

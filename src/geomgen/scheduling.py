@@ -165,6 +165,7 @@ class GpuWorkerRecord:
     pid: int = 0
     gpu: str | None = None
     info: dict = field(default_factory=dict)
+    option_specs: tuple | None = None  # its backend's declared options (OptionSpec), None if undeclared
     last_seen: float = 0.0
     heartbeat_interval_s: float = 0.0  # as the worker declared it
     job_id: str | None = None  # the job the broker gave it

@@ -98,23 +98,23 @@ def health_report(
     sdf: "SdfPool",
     queues: dict[str, "RoundRobinQueue"],
     job_states: Iterable[str],
-    heartbeat_interval_s: float,
 ) -> dict:
     """The HealthReply map (docs/protocol.md "Health").
 
-    ``workers`` are live GpuWorkerRecord entries; a worker counts as ``alive`` when
-    heard from within two heartbeat intervals, ``workers`` counts every live
-    registration. ``job_states`` are the states of the jobs in flight.
+    ``workers`` are the registry's GpuWorkerRecord entries. ``alive`` has one
+    meaning everywhere (health, GeometryServer.wait_until_ready, backend=auto,
+    no-worker waits): registered and heard from within its liveness window,
+    which is what the registry holds, since housekeeping removes the silent.
+    ``job_states`` are the states of the jobs in flight.
     """
-    recent_s = 2 * heartbeat_interval_s
     backends = {}
     for name in sorted(set(backend_names) | set(stats.backends) | set(queues)):
         mine = [w for w in workers if w.backend == name]
         counters = stats.backend(name)
         backends[name] = {
-            "workers": len(mine),
-            "alive": sum(now - w.last_seen <= recent_s for w in mine),
+            "alive": len(mine),
             "busy": sum(w.busy for w in mine),
+            "idle": sum(not w.busy for w in mine),
             "completed": counters.completed,
             "failed": counters.failed,
             "lost": counters.lost,

@@ -7,11 +7,12 @@ what is loaded are fixed per worker; the sampling options may change per request
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from geomgen.contract import SCOPE_HINT
 from geomgen.errors import InputError
+from geomgen.optionspec import OptionSpec, parse_options
 
 # The old server's turbo settings: step-distilled DiT, 5 steps, FlashVDM decoding.
 VARIANTS = {
@@ -30,24 +31,34 @@ DEFAULT_SEED = 1234
 DEFAULT_MAX_FACES = 40_000  # hy3dgen FaceReducer's default budget (the SceneSmith assets have 40,000)
 
 TEXTURE_MODES = ("auto", "on", "off")
-DTYPES = {
-    "auto": "auto",
-    "float16": "float16",
-    "fp16": "float16",
-    "half": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float32": "float32",
-    "fp32": "float32",
-    "float": "float32",
-}
-_TRUE = ("1", "true", "on", "yes")
-_FALSE = ("0", "false", "off", "no")
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+SWITCH_ALIASES = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}
 
-# Changing one of these means loading other weights or another device: a worker's choice.
-LOAD_OPTIONS = ("model", "subfolder", "variant", "flashvdm", "device", "dtype", "paint_model", "rembg_model")
-REQUEST_OPTIONS = ("texture", "steps", "guidance", "octree_resolution", "num_chunks", "seed", "max_faces")
-OPTION_NAMES = LOAD_OPTIONS + REQUEST_OPTIONS
+# Declared for the client and the broker, which refuse a bad option before the
+# request is queued; the worker parses with the same declarations. The options
+# not per_request pick other weights or another device: a worker's choice.
+OPTIONS = (
+    OptionSpec("model", "text", VARIANTS[DEFAULT_VARIANT][0], per_request=False,
+               help="Hugging Face name or local folder of the shape model"),
+    OptionSpec("subfolder", "text", VARIANTS[DEFAULT_VARIANT][1], allow_empty=True, per_request=False),
+    OptionSpec("variant", "choice", DEFAULT_VARIANT, choices=tuple(VARIANTS), per_request=False),
+    OptionSpec("flashvdm", "switch", True, per_request=False),
+    OptionSpec("device", "text", "auto", pattern=r"auto|cpu|cuda(:[0-9]+)?", per_request=False),
+    OptionSpec("dtype", "choice", "auto", choices=DTYPES, aliases=DTYPE_ALIASES, per_request=False),
+    OptionSpec("paint_model", "text", DEFAULT_PAINT_MODEL, per_request=False),
+    OptionSpec("rembg_model", "text", DEFAULT_REMBG_MODEL, per_request=False),
+    OptionSpec("texture", "choice", "auto", choices=TEXTURE_MODES, aliases=SWITCH_ALIASES),
+    OptionSpec("steps", "integer", DEFAULT_STEPS, 1, 200),
+    OptionSpec("guidance", "number", DEFAULT_GUIDANCE, 0.0, 100.0),
+    OptionSpec("octree_resolution", "integer", DEFAULT_OCTREE_RESOLUTION, 16, 1024),
+    OptionSpec("num_chunks", "integer", DEFAULT_NUM_CHUNKS, 1000, 10_000_000),
+    OptionSpec("seed", "integer", DEFAULT_SEED, 0, 2**63 - 1),
+    OptionSpec("max_faces", "integer", DEFAULT_MAX_FACES, 100, 10_000_000),
+)
+OPTION_NAMES = tuple(spec.name for spec in OPTIONS)
+LOAD_OPTIONS = tuple(spec.name for spec in OPTIONS if not spec.per_request)
+REQUEST_OPTIONS = tuple(spec.name for spec in OPTIONS if spec.per_request)
 
 
 @dataclass(frozen=True)
@@ -109,108 +120,12 @@ def merge_request_options(worker: Hy3dOptions, options: dict[str, Any] | None) -
     return replace(worker, **{k: v for k, v in values.items() if k in REQUEST_OPTIONS})
 
 
+def _parse(options: dict[str, Any]) -> dict[str, Any]:
+    values = parse_options("hunyuan3d", OPTIONS, options, hint=SCOPE_HINT)
+    if "subfolder" in values:
+        values["subfolder"] = values["subfolder"].strip("/")
+    return values
+
+
 def _show(value: Any) -> str:
     return ("on" if value else "off") if isinstance(value, bool) else str(value)
-
-
-def _parse(options: dict[str, Any]) -> dict[str, Any]:
-    if not isinstance(options, dict):
-        raise InputError("hunyuan3d options must be a map of name -> value", code="bad_option")
-    unknown = sorted(str(k) for k in set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise InputError(
-            f"unknown hunyuan3d option(s) {', '.join(unknown)}; known: {', '.join(OPTION_NAMES)}",
-            code="bad_option",
-        )
-    out: dict[str, Any] = {}
-    for name, value in options.items():
-        if value is None:
-            continue
-        out[name] = _PARSERS[name](name, value)
-    return out
-
-
-def _text(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(f"{name} must be a non-empty string, got {value!r}", code="bad_option")
-    return value.strip()
-
-
-def _subfolder(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise InputError(f"{name} must be a string, got {value!r}", code="bad_option")
-    return value.strip().strip("/")
-
-
-def _choice(choices: tuple[str, ...] | dict[str, str]):
-    def parse(name: str, value: Any) -> str:
-        text = (_show(value) if isinstance(value, bool) else str(value)).strip().lower()
-        if text not in choices:
-            raise InputError(f"{name} must be one of {', '.join(choices)}, got {value!r}", code="bad_option")
-        return choices[text] if isinstance(choices, dict) else text
-
-    return parse
-
-
-def _switch(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise InputError(f"{name} must be on or off, got {value!r}", code="bad_option")
-
-
-def _texture(name: str, value: Any) -> str:
-    if isinstance(value, bool) or str(value).strip().lower() in _TRUE + _FALSE:
-        return "on" if _switch(name, value) else "off"
-    return _choice(TEXTURE_MODES)(name, value)
-
-
-def _device(name: str, value: Any) -> str:
-    text = str(value).strip().lower()
-    kind, _, index = text.partition(":")
-    if text in ("auto", "cpu", "cuda") or (kind == "cuda" and index.isdigit()):
-        return text
-    raise InputError(f"{name} must be auto, cpu, cuda or cuda:N, got {value!r}", code="bad_option")
-
-
-def _number(low: float, high: float, integer: bool):
-    def parse(name: str, value: Any) -> float | int:
-        number: float | int = math.nan
-        if not isinstance(value, bool):
-            try:
-                # int() first so that large seeds keep every digit
-                number = int(value) if integer and not isinstance(value, float) else float(value)
-            except (TypeError, ValueError):
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    number = math.nan
-        if not (math.isfinite(number) and low <= number <= high) or (integer and number != int(number)):
-            kind = "an integer" if integer else "a number"
-            raise InputError(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}", code="bad_option")
-        return int(number) if integer else number
-
-    return parse
-
-
-_PARSERS = {
-    "model": _text,
-    "subfolder": _subfolder,
-    "variant": _choice(tuple(VARIANTS)),
-    "flashvdm": _switch,
-    "device": _device,
-    "dtype": _choice(DTYPES),
-    "paint_model": _text,
-    "rembg_model": _text,
-    "texture": _texture,
-    "steps": _number(1, 200, integer=True),
-    "guidance": _number(0.0, 100.0, integer=False),
-    "octree_resolution": _number(16, 1024, integer=True),
-    "num_chunks": _number(1000, 10_000_000, integer=True),
-    "seed": _number(0, 2**63 - 1, integer=True),
-    "max_faces": _number(100, 10_000_000, integer=True),
-}

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from geomgen.errors import InputError
+from geomgen.contract import SCOPE_HINT, scoped_options
+from geomgen.optionspec import OptionSpec, resolve_options
 
 
 @dataclass
@@ -45,13 +46,32 @@ class Backend(abc.ABC):
     input_kind: ClassVar[str] = "image"  # "image" or "mesh"
     uses_gpu: ClassVar[bool] = False
     extra: ClassVar[str | None] = None  # pip extra that provides its dependencies
+    # The options it takes, declared: the client and the broker refuse a request
+    # whose options are misspelt or out of range before it is queued. None: not
+    # declared (a plug-in's choice); such options are checked only by generate().
+    options_spec: ClassVar[tuple[OptionSpec, ...] | None] = None
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
-        """Keep the worker-wide options (``--backend-option key=value``).
+        """Keep the worker-wide options (``--backend-option key=value``),
+        checked against ``options_spec`` when declared.
 
         Raise geomgen.errors.InputError for an option that makes no sense.
         """
-        self.options = dict(options or {})
+        # Scoped here too, so a backend built with one batch's options for several
+        # backends (silhouette.height_m beside mesh.unit) takes only its own.
+        self.options = scoped_options(dict(options or {}), getattr(self, "name", ""))
+        if self.options_spec is not None:
+            self.resolve_options(self.options)  # a bad worker-wide option fails at start
+
+    @classmethod
+    def resolve_options(cls, worker_options: dict, request_options: dict | None = None) -> dict:
+        """Every declared option: the request's value, else the worker's, else
+        the default; InputError ``bad_option`` naming a bad one. Only for
+        backends that declare ``options_spec``."""
+        if cls.options_spec is None:
+            raise TypeError(f"backend {cls.name!r} declares no options_spec")
+        merged = {**scoped_options(worker_options, cls.name), **scoped_options(request_options or {}, cls.name)}
+        return resolve_options(cls.name, cls.options_spec, merged, hint=SCOPE_HINT)
 
     @classmethod
     def check(cls) -> str | None:
@@ -71,34 +91,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def generate(self, job: GenerationInput) -> GenerationOutput:
         """Produce the GLB. ``job.options`` hold this request's overrides,
-        already scoped to this backend (see scoped_options). Raise InputError
+        already scoped to this backend (contract.scoped_options). Raise InputError
         for a bad input, GenerateError for a failure of the method; any other
         exception is reported as a generate-stage error and the worker serves
         the next job."""
 
     def close(self) -> None:
         """Release models; called when the worker stops."""
-
-
-def scoped_options(options: dict[str, Any], backend: str) -> dict[str, Any]:
-    """The options meant for ``backend``: plain keys, and ``BACKEND.KEY`` keys
-    with this backend's prefix (prefix removed). Keys scoped to another backend
-    are left to it, so one batch can carry options for several backends
-    (``silhouette.height_m=0.3`` beside ``mesh.unit=mm``)."""
-    own: dict[str, Any] = {}
-    for key, value in options.items():
-        prefix, dot, rest = str(key).partition(".")
-        if not dot:
-            own[key] = value
-        elif prefix == backend:
-            own[rest] = value
-    return own
-
-
-def unknown_options_error(backend: str, unknown: list[str], known: tuple[str, ...]) -> InputError:
-    """The error for option names a backend does not know, with the scoping hint."""
-    return InputError(
-        f"unknown {backend} backend option(s) {', '.join(unknown)}; known: {', '.join(known)} "
-        f"(to give an option to one backend only, write BACKEND.KEY=VALUE, e.g. silhouette.height_m=0.3)",
-        code="bad_option",
-    )

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
 from geomgen.backends._hy3d_mesh import alpha_coverage, clean_mesh, export_glb_bytes, png_bytes
-from geomgen.backends._hy3d_options import Hy3dOptions, merge_request_options, parse_worker_options
+from geomgen.backends._hy3d_options import OPTIONS, Hy3dOptions, merge_request_options, parse_worker_options
 from geomgen.backends._hy3d_weights import (
     find_paint_weights,
     find_weights,
@@ -48,6 +48,7 @@ class Hunyuan3DBackend(Backend):
     input_kind = "image"
     uses_gpu = True
     extra = "hunyuan3d"
+    options_spec = OPTIONS
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         super().__init__(options)

@@ -9,11 +9,29 @@ import importlib.util
 
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
 from geomgen.errors import BackendUnavailable, GenerateError
+from geomgen.optionspec import OptionSpec
 
 # Python packages the integration needs: torch, SAM 3 (``sam3``) and SAM 3D
 # Objects (``sam3d_objects``), whose checkpoints are downloaded separately.
 REQUIRED_MODULES = ("torch", "sam3", "sam3d_objects")
 INSTALL_HINT = "install geomgen[sam3d] and the SAM 3D Objects checkpoints"
+DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
+
+# The old server's sam3d_config keys (a request's sam3d_config arrives as these
+# options), plus seed, texture and device. Checkpoints and device pick what is
+# loaded, so they are fixed when the worker starts.
+OPTIONS = (
+    OptionSpec("sam3_checkpoint", "text", None, per_request=False, help="SAM 3 checkpoint file"),
+    OptionSpec("sam3d_checkpoint", "text", None, per_request=False, help="SAM 3D Objects pipeline.yaml"),
+    OptionSpec("mode", "choice", "foreground", choices=("foreground", "text"),
+               help="foreground: the object on a plain background; text: the object the text prompt names"),
+    OptionSpec("text_prompt", "text", None, help="what to segment in mode text"),
+    OptionSpec("object_description", "text", None, help="the old name of text_prompt"),
+    OptionSpec("threshold", "number", 0.5, 0.0, 1.0, help="SAM 3 confidence threshold"),
+    OptionSpec("seed", "integer", 42, 0, 2**63 - 1),
+    OptionSpec("texture", "switch", True, help="bake a UV texture"),
+    OptionSpec("device", "text", "auto", pattern=DEVICE_PATTERN, per_request=False),
+)
 
 
 def _missing_modules() -> list[str]:
@@ -28,6 +46,7 @@ class Sam3dBackend(Backend):
     input_kind = "image"
     uses_gpu = True
     extra = "sam3d"
+    options_spec = OPTIONS
 
     @classmethod
     def check(cls) -> str | None:

@@ -18,12 +18,12 @@ import numpy as np
 from geomgen import defaults
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
 from geomgen.errors import GenerateError, InputError
+from geomgen.optionspec import OptionSpec
 
 if TYPE_CHECKING:
     import PIL.Image
     import trimesh
 
-OPTION_NAMES = ("height_m", "depth_ratio", "resolution", "texture_px", "flat_base")
 DEPTH_RATIO = 1.0  # thickest depth / diameter of the outline's largest inscribed circle (1: a disc -> a sphere)
 MESH_PX = 96  # long side of the grid the solid is built on, px: at most ~4 x 96^2 = 37k faces
 TEXTURE_PX = 1024  # long side of the texture cropped from the input, px
@@ -36,56 +36,15 @@ MAX_OBJECT_FRACTION = 0.97  # a foreground this large is the whole picture, not 
 SMALL_HOLE_FRACTION = 0.02  # holes below this share of the object are segmentation specks and filled
 PAD_PX = 3  # empty grid cells around the outline so the surface closes inside the grid
 
-
-def parse_silhouette_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Validate options: ``height_m`` (> 0, default defaults.SILHOUETTE_HEIGHT_M),
-    ``depth_ratio`` (> 0, default DEPTH_RATIO), ``resolution`` (grid px, 16-512,
-    default MESH_PX), ``texture_px`` (64-4096, default TEXTURE_PX), ``flat_base``
-    (true/false, default true: the solid stands on a flat footprint). Values may be
-    strings (``--backend-option``); keys may be scoped as ``silhouette.KEY``
-    (see geomgen.backends.base.scoped_options). Raises InputError ``bad_option``."""
-    from geomgen.backends.base import scoped_options, unknown_options_error
-
-    options = scoped_options(options, "silhouette")
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise unknown_options_error("silhouette", unknown, OPTION_NAMES)
-    return {
-        "height_m": _number(options, "height_m", defaults.SILHOUETTE_HEIGHT_M, 1e-4, 1e3),
-        "depth_ratio": _number(options, "depth_ratio", DEPTH_RATIO, 0.01, 10.0),
-        "resolution": int(_number(options, "resolution", MESH_PX, 16, 512, integer=True)),
-        "texture_px": int(_number(options, "texture_px", TEXTURE_PX, 64, 4096, integer=True)),
-        "flat_base": _flag(options, "flat_base", True),
-    }
-
-
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
-def _flag(options: dict, name: str, default: bool) -> bool:
-    value = options.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    word = str(value).strip().lower()
-    if word in _TRUE + _FALSE:
-        return word in _TRUE
-    raise InputError(f"{name} must be true or false, got {value!r}", code="bad_option")
-
-
-def _number(options: dict, name: str, default: float, low: float, high: float, integer: bool = False) -> float:
-    value = options.get(name)
-    if value is None:
-        return default
-    try:
-        number = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (math.isfinite(number) and low <= number <= high) or (integer and number != int(number)):
-        kind = "an integer" if integer else "a number"
-        raise InputError(f"{name} must be {kind} from {low:g} to {high:g}, got {value!r}", code="bad_option")
-    return number
+OPTIONS = (
+    OptionSpec("height_m", "number", defaults.SILHOUETTE_HEIGHT_M, 1e-4, 1e3,
+               help="height of the object, metres (an image carries no scale)"),
+    OptionSpec("depth_ratio", "number", DEPTH_RATIO, 0.01, 10.0,
+               help="thickest depth / diameter of the outline's largest inscribed circle"),
+    OptionSpec("resolution", "integer", MESH_PX, 16, 512, help="long side of the grid the solid is built on, px"),
+    OptionSpec("texture_px", "integer", TEXTURE_PX, 64, 4096, help="long side of the texture, px"),
+    OptionSpec("flat_base", "switch", True, help="stand the solid on a flat footprint"),
+)
 
 
 # --- foreground ------------------------------------------------------------------
@@ -314,10 +273,7 @@ class SilhouetteBackend(Backend):
     name = "silhouette"
     input_kind = "image"
     uses_gpu = False
-
-    def __init__(self, options: dict[str, str] | None = None) -> None:
-        super().__init__(options)
-        parse_silhouette_options(self.options)  # a bad worker-wide option fails at start
+    options_spec = OPTIONS
 
     def generate(self, job: GenerationInput) -> GenerationOutput:
         import trimesh
@@ -325,7 +281,7 @@ class SilhouetteBackend(Backend):
         from geomgen.geometry.meshio import export_glb
         from geomgen.inputs import decode_image
 
-        opts = parse_silhouette_options({**self.options, **(job.options or {})})
+        opts = self.resolve_options(self.options, job.options)
         started = time.perf_counter()
         image = decode_image(job.input_data, job.input_name)
         job.progress("image decoded")
