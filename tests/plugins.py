@@ -5,6 +5,7 @@ models and for native-code failures that cannot be produced on demand."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -142,11 +143,44 @@ class UnavailableBackend(Backend):
 # --- conversion functions for the SDF worker's child (GEOMGEN_CONVERT_FN) -----
 
 
+def _native_crash(*_args) -> list:
+    """Stands in for CoACD dying in native code: last words on stderr, then a
+    read of address 0 (SIGSEGV inside C, not a Python exception)."""
+    import ctypes
+    import sys
+
+    print("coacd: synthetic native failure", file=sys.stderr, flush=True)
+    ctypes.string_at(0)
+    raise AssertionError("unreachable: the process was killed")
+
+
+def _native_hang(*_args) -> list:
+    """Stands in for CoACD or V-HACD searching forever."""
+    threading.Event().wait()
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _decomposition_replaced(**rungs):
+    """Replace decomposition methods in this process (a conversion child) for the block."""
+    from geomgen.geometry import decomposition
+
+    saved = dict(decomposition.RUNGS)
+    decomposition.RUNGS.update(rungs)
+    try:
+        yield
+    finally:
+        decomposition.RUNGS.clear()
+        decomposition.RUNGS.update(saved)
+
+
 def selectable_convert(data: bytes, input_name: str, out_dir: Path, name: str, options):
     """Same signature as geomgen.geometry.convert.convert_mesh. The output name
     picks a behaviour: ``segfault*`` dies with SIGSEGV, ``hang*`` never returns,
     ``sleep*`` waits 0.5 s then converts, ``bad_input*`` raises InputError,
-    ``bad_convert*`` raises ConvertError, ``oops*`` raises a plain exception;
+    ``bad_convert*`` raises ConvertError, ``oops*`` raises a plain exception,
+    ``coacd_crash*`` converts with a CoACD that dies in native code,
+    ``decomp_hang*`` with a CoACD and a V-HACD that never return;
     anything else is the real conversion. When GEOMGEN_TEST_PID_DIR is set the
     child writes its pid there as ``<name>.pid`` first, so a test can check it
     was reaped."""
@@ -169,4 +203,11 @@ def selectable_convert(data: bytes, input_name: str, out_dir: Path, name: str, o
         raise ValueError("synthetic bug in the converter")
     from geomgen.geometry.convert import convert_mesh
 
+    if name.startswith("coacd_crash"):
+        with _decomposition_replaced(coacd=_native_crash):
+            return convert_mesh(data, input_name, out_dir, name, options)
+    if name.startswith("decomp_hang"):
+        with _decomposition_replaced(coacd=_native_hang, vhacd=_native_hang):
+            return convert_mesh(data, input_name, out_dir, name, options)
     return convert_mesh(data, input_name, out_dir, name, options)
+

@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import struct
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -16,11 +17,12 @@ import pytest
 import trimesh
 from PIL import Image
 
+from geomgen import convert_child
 from geomgen.errors import ConvertError, InputError
 from geomgen.geometry import materials
 from geomgen.geometry.convert import ConversionReport, convert_file, convert_mesh
 from geomgen.geometry.frames import gltf_to_drake
-from geomgen.contract import ConvertOptions
+from geomgen.contract import ConvertOptions, sanitize_stem
 from geomgen.geometry.sdf import DRAKE_NS, SDF_VERSION
 from tests.conftest import SHARED_DATA
 
@@ -191,7 +193,7 @@ def test_convert_file_names_the_package_after_the_file(tmp_path):
     path = tmp_path / "my mug (1).glb"
     path.write_bytes(box_glb((0.1, 0.1, 0.1)))
     report = convert_file(path, tmp_path / "out", ConvertOptions(collision="hull"))
-    assert report.name == "my_mug_1"
+    assert report.name == sanitize_stem("my mug (1)") == "my_mug_1_"  # the contract's one name rule
 
 
 # --- contact properties ---------------------------------------------------------
@@ -280,24 +282,45 @@ def test_reconverting_replaces_the_package(tmp_path):
     assert first.validated and second.validated
 
 
-# --- the fallback ladder --------------------------------------------------------
+# --- the fallback ladder, through the one isolation layer -----------------------
 
 
-def test_forced_coacd_failure_is_reported(tmp_path):
-    options = ConvertOptions(collision_params={"preprocess_resolution": 0})  # CoACD aborts on it
-    report = convert_mesh(box_glb(), "b.glb", tmp_path, "b", options)
-    assert report.method == "vhacd"
-    assert report.fallbacks[0].startswith("coacd: crashed")
-    assert any("made by vhacd" in w for w in report.warnings)
-    assert report.validated
+def convert_isolated(tmp_path: Path, name: str, timeout_s: float, options: ConvertOptions) -> tuple[dict, Path]:
+    """A box converted the way the SDF worker converts: in a child process
+    driven by convert_child.Conversion, with tests.plugins:selectable_convert
+    (whose output name picks a failing decomposition). Returns the outcome and
+    the package folder."""
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    task = convert_child.glb_task(box_glb(), "b.glb", name, "tests.plugins:selectable_convert")
+    outcome = convert_child.drive(convert_child.Conversion(job_dir, task, options, timeout_s))
+    return outcome, job_dir / convert_child.OUT_DIR / name
 
 
-def test_timeouts_fall_down_to_one_hull(tmp_path):
-    report = convert_mesh(box_glb(), "b.glb", tmp_path, "b", ConvertOptions(decomposition_timeout_s=0.001))
-    assert report.method == "hull" and report.pieces == 1
-    assert report.fallbacks == ["coacd: timed out after 0.001 s", "vhacd: timed out after 0.001 s"]
-    manifest = json.loads((tmp_path / "b" / "b.json").read_text())
-    assert manifest["method"] == "hull" and manifest["fallbacks"] == report.fallbacks
+def test_native_crash_in_coacd_falls_back_to_vhacd(tmp_path):
+    outcome, package = convert_isolated(tmp_path, "coacd_crash", 120.0, ConvertOptions())
+    info = outcome["info"]
+    assert info["method"] == "vhacd" and info["validated"]
+    (reason,) = info["fallbacks"]
+    assert reason.startswith("coacd: crashed (killed by SIGSEGV)")
+    assert "synthetic native failure" in reason  # the method's own last words are kept
+    assert any("made by vhacd" in w for w in info["warnings"])
+    manifest = json.loads((package / "coacd_crash.json").read_text())
+    assert manifest["fallbacks"] == info["fallbacks"] and manifest["options"]["collision"] == "coacd"
+
+
+def test_hung_decomposition_falls_down_to_one_hull_within_the_deadline(tmp_path):
+    # CoACD and V-HACD never return: each is stopped at half the time left when it
+    # started, and the hull finishes within the one deadline.
+    started_s = time.monotonic()
+    outcome, package = convert_isolated(tmp_path, "decomp_hang", 8.0, ConvertOptions())
+    assert time.monotonic() - started_s < 8.0
+    info = outcome["info"]
+    assert info["method"] == "hull" and info["pieces"] == 1
+    assert [f.split(" after ")[0] for f in info["fallbacks"]] == ["coacd: timed out", "vhacd: timed out"]
+    assert all("50% of the" in f for f in info["fallbacks"])
+    manifest = json.loads((package / "decomp_hang.json").read_text())
+    assert manifest["method"] == "hull" and manifest["fallbacks"] == info["fallbacks"]
 
 
 # --- open meshes ----------------------------------------------------------------

@@ -1,19 +1,19 @@
-"""Convex decomposition: parameters, the child-process runner (crash, hang,
-exception), each method on a concave solid, and the fallback ladder."""
+"""Convex decomposition: parameters, each method on a concave solid, the
+fallback ladder in one process, and the parent's decisions across conversion
+children (convert_child.next_step: crash, rung overrun, deadline)."""
 
 from __future__ import annotations
-
-import os
-import time
 
 import manifold3d
 import numpy as np
 import pytest
 import trimesh
 
-from geomgen.errors import InputError
+from geomgen.contract import COACD_PARAMS
+from geomgen.convert_child import RUNG_SHARE, Action, next_step
+from geomgen.errors import ConvertError, InputError
 from geomgen.geometry import decomposition
-from geomgen.geometry.child_process import ChildFailed, run_in_child
+from geomgen.geometry.decomposition import Resume
 
 
 def l_shape() -> trimesh.Trimesh:
@@ -43,56 +43,21 @@ def assert_convex_and_closed(pieces):
 # --- parameters -------------------------------------------------------------
 
 
-def test_params_merge_over_the_defaults():
-    params = decomposition.method_params("coacd", {"threshold": 0.1, "seed": 7})
-    assert params["threshold"] == 0.1 and params["seed"] == 7
-    assert params["resolution"] == decomposition.COACD_DEFAULTS["resolution"]
-    assert decomposition.method_params("vhacd", None) == decomposition.VHACD_DEFAULTS
-    assert decomposition.method_params("hull", {}) == {}
-
-
 @pytest.mark.parametrize(
     "method, params, words",
     [
-        ("coacd", {"max_hulls": 3}, "unknown collision parameter 'max_hulls'"),
-        ("coacd", {"merge": "yes"}, "true or false"),
-        ("coacd", {"resolution": 2.5}, "integer"),
-        ("coacd", {"threshold": 0.0}, "> 0"),
-        ("coacd", {"preprocess_mode": "sometimes"}, "auto, on, off"),
-        ("vhacd", {"threshold": 0.1}, "its parameters are"),
-        ("hull", {"threshold": 0.1}, "its parameters are: none"),
+        ("coacd", {"max_hulls": 3}, "max_hulls"),
+        ("vhacd", {"threshold": 0.1}, "threshold"),
+        ("hull", {"threshold": 0.1}, "threshold"),
         ("octree", {}, "collision must be one of"),
     ],
 )
-def test_bad_params_are_input_errors(method, params, words):
+def test_bad_params_are_refused_by_the_contract(method, params, words):
+    mesh = l_shape()
     with pytest.raises(InputError) as info:
-        decomposition.method_params(method, params)
+        decomposition.decompose(mesh.vertices, mesh.faces, method, params)
     assert info.value.code == "bad_option"
     assert words in info.value.message
-
-
-# --- the child-process runner -----------------------------------------------
-
-
-def test_child_returns_the_result():
-    assert run_in_child(divmod, (17, 5), timeout_s=30) == (3, 2)
-
-
-def test_child_exception_is_reported():
-    with pytest.raises(ChildFailed, match="raised ValueError"):
-        run_in_child(int, ("not a number",), timeout_s=30)
-
-
-def test_child_crash_is_reported():
-    with pytest.raises(ChildFailed, match="crashed .*SIGABRT"):
-        run_in_child(os.abort, (), timeout_s=30)
-
-
-def test_child_past_its_time_limit_is_killed():
-    start = time.monotonic()
-    with pytest.raises(ChildFailed, match="timed out after 0.5 s"):
-        run_in_child(time.sleep, (60,), timeout_s=0.5)
-    assert time.monotonic() - start < 10
 
 
 # --- methods ----------------------------------------------------------------
@@ -105,7 +70,7 @@ def test_coacd_splits_a_concave_solid():
     assert len(result.pieces) >= 2
     assert_convex_and_closed(result.pieces)
     assert pieces_iou(result.pieces, mesh) > 0.9
-    assert result.params["seed"] == decomposition.COACD_DEFAULTS["seed"]
+    assert result.params["seed"] == next(p.default for p in COACD_PARAMS if p.name == "seed")
 
 
 def test_coacd_is_deterministic():
@@ -134,33 +99,88 @@ def test_hull_is_one_piece():
     assert trimesh.Trimesh(*result.pieces[0]).volume == pytest.approx(mesh.convex_hull.volume)
 
 
-# --- the ladder -------------------------------------------------------------
+# --- the ladder in one process -----------------------------------------------
 
 
-def test_coacd_crash_falls_back_to_vhacd():
+def _raises(*_args):
+    raise RuntimeError("synthetic CoACD error")
+
+
+def _empty(*_args):
+    return []
+
+
+def test_an_error_or_no_piece_falls_down_in_process(monkeypatch):
+    monkeypatch.setitem(decomposition.RUNGS, "coacd", _raises)
+    monkeypatch.setitem(decomposition.RUNGS, "vhacd", _empty)
     mesh = l_shape()
-    # CoACD aborts on a preprocessing resolution below 5 (a C++ exception that kills its process).
-    result = decomposition.decompose(mesh.vertices, mesh.faces, "coacd", {"preprocess_resolution": 0})
-    assert result.method == "vhacd"
-    assert len(result.fallbacks) == 1
-    assert result.fallbacks[0].startswith("coacd: crashed")
-    assert "prep resolution" in result.fallbacks[0]  # CoACD's own last words are kept
-    assert_convex_and_closed(result.pieces)
+    seen: list = []
+    with decomposition.resumed(Resume(on_rung=seen.append)):
+        result = decomposition.decompose(mesh.vertices, mesh.faces, "coacd")
+    assert result.method == "hull" and len(result.pieces) == 1
+    assert result.fallbacks == ["coacd: raised RuntimeError: synthetic CoACD error",
+                                "vhacd: returned no usable convex piece"]
+    assert seen == ["coacd", "vhacd", "hull", None]  # each rung announced, then the end
 
 
-def test_timeouts_fall_down_to_the_hull():
+def test_ladder_starts_at_the_requested_method(monkeypatch):
+    monkeypatch.setitem(decomposition.RUNGS, "coacd", _raises)  # never reached
+    monkeypatch.setitem(decomposition.RUNGS, "vhacd", _empty)
     mesh = l_shape()
-    result = decomposition.decompose(mesh.vertices, mesh.faces, "coacd", timeout_s=0.001)
+    result = decomposition.decompose(mesh.vertices, mesh.faces, "vhacd")
     assert result.method == "hull"
-    assert result.fallbacks == ["coacd: timed out after 0.001 s", "vhacd: timed out after 0.001 s"]
-    assert len(result.pieces) == 1
+    assert result.fallbacks == ["vhacd: returned no usable convex piece"]
 
 
-def test_ladder_starts_at_the_requested_method():
+def test_a_resumed_ladder_starts_at_the_parents_rung_with_its_reasons():
     mesh = l_shape()
-    result = decomposition.decompose(mesh.vertices, mesh.faces, "vhacd", timeout_s=0.001)
-    assert result.method == "hull"
-    assert result.fallbacks == ["vhacd: timed out after 0.001 s"]
+    seen: list = []
+    earlier = ("coacd: crashed (killed by SIGSEGV)",)
+    with decomposition.resumed(Resume(start="vhacd", fallbacks=earlier, on_rung=seen.append)):
+        result = decomposition.decompose(mesh.vertices, mesh.faces, "coacd", {"threshold": 0.1})
+    assert result.method == "vhacd" and result.fallbacks == list(earlier)
+    assert result.params["max_convex_hulls"] == 32  # the fallback runs with its own defaults
+    assert seen == ["vhacd", None]
+    with pytest.raises(ConvertError):  # a rung above the requested one is never resumed at
+        with decomposition.resumed(Resume(start="coacd")):
+            decomposition.decompose(mesh.vertices, mesh.faces, "vhacd")
+
+
+# --- the parent's decisions across children ------------------------------------
+
+
+def test_next_step_waits_for_the_rung_limit_or_the_deadline():
+    running = dict(exitcode=None, has_result=False, now_s=10.0, deadline_s=100.0)
+    assert next_step(rung=None, rung_started_s=None, **running).wake_s == 100.0  # loading: the deadline
+    step = next_step(rung="coacd", rung_started_s=4.0, **running)
+    assert step.action is Action.WAIT and step.wake_s == pytest.approx(4.0 + RUNG_SHARE * 96.0)
+    step = next_step(rung="hull", rung_started_s=4.0, **running)  # the hull has no share: the deadline
+    assert step.action is Action.WAIT and step.wake_s == 100.0
+
+
+def test_next_step_moves_an_overrunning_rung_down_the_ladder():
+    step = next_step(exitcode=None, has_result=False, rung="coacd", rung_started_s=0.0, now_s=50.0, deadline_s=100.0)
+    assert (step.action, step.rung) == (Action.RETRY, "vhacd")
+    assert step.reason == "coacd: timed out after 50 s (50% of the 100 s left)"
+    step = next_step(exitcode=None, has_result=False, rung="vhacd", rung_started_s=60.0, now_s=80.0, deadline_s=100.0)
+    assert (step.action, step.rung) == (Action.RETRY, "hull")
+
+
+def test_next_step_retries_a_crash_only_inside_coacd_or_vhacd():
+    ended = dict(has_result=False, rung_started_s=1.0, now_s=2.0, deadline_s=100.0)
+    step = next_step(exitcode=-11, rung="coacd", **ended)
+    assert (step.action, step.rung, step.reason) == (Action.RETRY, "vhacd", "coacd: crashed (killed by SIGSEGV)")
+    assert next_step(exitcode=-11, rung="hull", **ended).action is Action.FINISH
+    assert next_step(exitcode=-11, rung=None, **ended).action is Action.FINISH  # outside decomposition
+    assert next_step(exitcode=-11, rung="coacd", **{**ended, "now_s": 100.0}).action is Action.FINISH  # no time
+    assert next_step(exitcode=0, rung="coacd", **{**ended, "has_result": True}).action is Action.FINISH
+
+
+def test_next_step_times_out_at_the_one_deadline():
+    for rung in (None, "coacd", "hull"):
+        step = next_step(exitcode=None, has_result=False, rung=rung, rung_started_s=99.0, now_s=100.0,
+                         deadline_s=100.0)
+        assert step.action is Action.TIMEOUT
 
 
 # --- pieces and simplification ----------------------------------------------

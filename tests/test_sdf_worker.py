@@ -61,7 +61,7 @@ class FakeBroker:
 
     def push(self, name: str, glb: bytes | None = None, **options) -> protocol.SdfJob:
         job = protocol.SdfJob(job_id=uuid.uuid4().hex[:10], attempt=1, name=name,
-                              glb=box_glb() if glb is None else glb, options=options or dict(HULL))
+                              glb=box_glb() if glb is None else glb, convert=options or dict(HULL))
         self._pushed[job.job_id] = job
         self.jobs.send_multipart(protocol.encode(job), flags=zmq.NOBLOCK)
         return job
@@ -181,7 +181,7 @@ def test_converts_crashes_and_goes_on(broker, spawn, pid_dir, tmp_path):
         (broker.push("oops"), "convert", "convert_failed", "ValueError"),
         (broker.push("opts", collision="bogus"), "input", "bad_option", "collision"),
         (broker.push("opts2", material=["wood"]), "input", "bad_option", "material"),
-        (broker.push("../escape"), "input", "bad_name", "plain file name"),
+        (broker.push("../escape"), "input", "bad_name", "not a valid output name"),
         (broker.push("empty", glb=b""), "input", "bad_mesh", "no GLB"),
     ]
     for job, stage, code, text in cases:
@@ -189,22 +189,39 @@ def test_converts_crashes_and_goes_on(broker, spawn, pid_dir, tmp_path):
         assert not result.ok and (result.error["stage"], result.error["code"]) == (stage, code), result.error
         assert text in result.error["message"]
 
+    # CoACD dying in native code: a new child goes on with V-HACD, and the report says why.
+    crash = broker.push("coacd_crash", collision="coacd")
+    result = broker.result(crash)
+    assert result.ok, result.error
+    assert result.info["method"] == "vhacd"
+    assert [f.split(":")[0] for f in result.info["fallbacks"]] == ["coacd"]
+    assert result.info["fallbacks"][0].startswith("coacd: crashed (killed by SIGSEGV)")
+
     after = broker.push("box_again")
     result = broker.result(after)
     assert result.ok, result.error
     assert result.sdf_file == "box_again/box_again.sdf"
 
 
-def test_timeout_then_sigterm_kill_the_children(broker, spawn, pid_dir):
-    proc = spawn("--procs", "1", "--convert-timeout", "1.5", "--heartbeat-interval", "0.2")
+def test_one_deadline_for_hangs_then_sigterm_kill_the_children(broker, spawn, pid_dir):
+    """Two jobs side by side under one 8 s deadline each: a conversion that hangs
+    outside the decomposition fails ``timeout`` at the deadline; one whose CoACD
+    and V-HACD hang falls down to the hull within it."""
+    proc = spawn("--procs", "2", "--convert-timeout", "8", "--heartbeat-interval", "0.2")
     broker.recv(timeout_s=60)  # READY
 
     hang = broker.push("hang_1")
+    ladder = broker.push("decomp_hang", collision="coacd")
     started_s = time.monotonic()
+    result = broker.result(ladder)
+    assert time.monotonic() - started_s < 8.0
+    assert result.ok, result.error
+    assert result.info["method"] == "hull"
+    assert [f.split(" after ")[0] for f in result.info["fallbacks"]] == ["coacd: timed out", "vhacd: timed out"]
     result = broker.result(hang)
-    assert time.monotonic() - started_s >= 1.4
+    assert time.monotonic() - started_s >= 7.9
     assert not result.ok and (result.error["stage"], result.error["code"]) == ("convert", "timeout")
-    assert "1.5 s" in result.error["message"]
+    assert "8 s" in result.error["message"]
     wait_for(lambda: not alive(child_pid(pid_dir, "hang_1")), timeout_s=10, what="the timed-out child to die")
 
     hang = broker.push("hang_2")

@@ -285,33 +285,39 @@ def render_health(stats: dict) -> str:
 @convert_options
 @click.option("--up-axis", type=click.Choice(["y", "z"]), default="y", show_default=True,
               help="Up axis of the input meshes: y (glTF) or z (many CAD, OBJ and STL files).")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True),
+              default=defaults.SDF_CONVERT_TIMEOUT_S, show_default=True,
+              help="Seconds one mesh may take; its conversion runs in a child process that is stopped then. "
+                   "CoACD or V-HACD past half of the time left falls back to the next method.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per mesh on stdout.")
-def convert(meshes, out_dir, up_axis, as_json, **convert_params) -> None:
+def convert(meshes, out_dir, up_axis, timeout_s, as_json, **convert_params) -> None:
     """Convert existing meshes (GLB, glTF, OBJ, PLY, STL) to Drake SDF packages, locally.
 
     \b
     Example:
       geomgen convert chair.glb lamp.obj --out assets/ --material wood --collision coacd
 
-    Exits 1 if any mesh failed.
+    A glTF or OBJ may use files beside it (buffers, textures, materials); files
+    outside its folder are refused. Exits 1 if any mesh failed.
     """
     import time
 
-    from geomgen.geometry.convert import convert_file
-    from geomgen.contract import convert_options
+    from geomgen.contract import convert_options as checked_convert_options
+    from geomgen.convert_child import convert_path
 
-    options = convert_options({**convert_fields(convert_params), "up_axis": up_axis})
+    try:
+        options = checked_convert_options({**convert_fields(convert_params), "up_axis": up_axis})
+    except GeomgenError as exc:
+        raise click.UsageError(exc.message) from None
     failed = 0
     for path in meshes:
         row: dict[str, Any] = {"input": str(path), "status": "ok", "sdf_path": None, "collision_pieces": None,
                                "method": None, "mass_kg": None, "seconds": None, "error": None}
         start = time.monotonic()
         try:
-            report = convert_file(path, out_dir, options)
-            pieces = report.pieces
-            row.update(sdf_path=str(report.sdf_path), method=report.method, mass_kg=report.mass_kg,
-                       collision_pieces=len(pieces) if isinstance(pieces, (list, tuple)) else pieces,
-                       seconds=round(report.seconds, 3))
+            info = convert_path(path, out_dir, options, timeout_s)
+            row.update(sdf_path=info["sdf_path"], method=info.get("method"), mass_kg=info.get("mass_kg"),
+                       collision_pieces=info.get("pieces"), seconds=round(time.monotonic() - start, 3))
         except GeomgenError as exc:
             failed += 1
             row.update(status="error", error=f"{exc.stage.value}/{exc.code}: {exc.message}",

@@ -221,7 +221,6 @@ class ConvertOptions:
     remove_floaters: bool = True  # drop small disconnected pieces
     hydroelastic: bool = False  # write compliant hydroelastic properties
     hydroelastic_modulus_pa: float | None = None  # default from the material
-    decomposition_timeout_s: float = 300.0  # a decomposition running longer falls back
     validate: bool = True  # load the SDF in Drake after writing, when pydrake is installed
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,7 +261,7 @@ def convert_options(data: Mapping[str, Any] | ConvertOptions | None) -> ConvertO
         raise InputError(f"unknown conversion option(s) {', '.join(unknown)}; known: {', '.join(field_names())}",
                          code="bad_option")
     values = {k: v for k, v in data.items()}
-    for name in ("mass_kg", "density_kg_m3", "scale", "hydroelastic_modulus_pa", "decomposition_timeout_s"):
+    for name in ("mass_kg", "density_kg_m3", "scale", "hydroelastic_modulus_pa"):
         values[name] = _positive(name, values.get(name))
     values["mu"] = _friction(values.get("mu"))
     values["dimensions"] = _dimensions(values.get("dimensions"))
@@ -283,8 +282,6 @@ def convert_options(data: Mapping[str, Any] | ConvertOptions | None) -> ConvertO
         if name in values and not isinstance(values[name], bool):
             raise InputError(f"{name} must be true or false, got {values[name]!r}", code="bad_option")
     _check_hints(values)
-    if values.get("decomposition_timeout_s") is None:
-        values.pop("decomposition_timeout_s", None)
     return ConvertOptions(**values)
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 import warnings
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from geomgen import defaults
@@ -159,6 +160,27 @@ def _text_format(data: bytes) -> str | None:
         if has_vertex:
             return "obj"
     return None
+
+
+def local_reference(folder: Path, reference: str, what: str) -> Path:
+    """The file that ``reference`` (a glTF buffer or image URI, percent-decoded;
+    an OBJ's material library or texture path) names inside ``folder``.
+
+    A file on disk may name other files, and only the files inside its own
+    folder are read: the reference is resolved ('..' and symlinks followed) and
+    refused with InputError ``unsafe_reference``, naming it, when it lands
+    anywhere else (an absolute path, ``../../etc/passwd``, a link pointing out,
+    a ``file:`` URI). Nothing is read here, so nothing outside is ever read.
+    """
+    base = Path(os.path.realpath(folder))
+    if not reference or "\0" in reference or "://" in reference or reference.lower().startswith("file:"):
+        raise InputError(f"{what} references {reference!r}, which is not a file beside it; only files inside "
+                         f"{folder} are read", code="unsafe_reference")
+    target = Path(os.path.realpath(base / reference))
+    if target != base and base not in target.parents:
+        raise InputError(f"{what} references {reference!r}, which resolves to {target}, outside {folder}; only "
+                         "files inside the input's folder are read", code="unsafe_reference")
+    return target
 
 
 def decode_image(

@@ -1,18 +1,17 @@
 """The SDF worker process: pulls GLBs from the broker and pushes back Drake SDF packages.
 
 It holds at most ``procs`` jobs, announces its free slots on every change, and
-runs each conversion in its own child process, so a crash, a hang or a leak in
-native code fails one job and never the worker.
+runs each conversion in its own child process (geomgen.convert_child, which
+also drives the fallback ladder across children), so a crash, a hang or a leak
+in native code fails one job and never the worker.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -24,25 +23,25 @@ from pathlib import Path
 
 import zmq
 
-from geomgen import convert_child, defaults, protocol
+from geomgen import contract, convert_child, defaults, protocol
 from geomgen.endpoints import Endpoints
 from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
 
 log = logging.getLogger("geomgen.sdf_worker")
 
-KILL_WAIT_S = 5.0  # how long to wait for a killed child to be reaped
 START_CHECK_TIMEOUT_S = 120.0  # first child at start-up: forkserver launch plus warm imports
+TIMEOUT_HINT = "raise the SDF worker's conversion timeout (--convert-timeout)"
 
 
 @dataclass
-class _Conversion:
+class _Held:
+    """A job this worker holds, and the conversion running it."""
+
     job_id: str
     attempt: int
     name: str
-    process: multiprocessing.process.BaseProcess
-    job_dir: Path
-    started_s: float  # time.monotonic()
+    conversion: convert_child.Conversion
 
 
 class SdfWorker:
@@ -76,9 +75,9 @@ class SdfWorker:
         self.failed = 0
         self.max_held = 0  # the most jobs held at once, never above slots
 
-        self._mp = multiprocessing.get_context("forkserver")
-        self._mp.set_forkserver_preload(convert_child.preload_modules())
-        self._running: dict[int, _Conversion] = {}  # by process sentinel fd
+        self.convert_fn = convert_child.convert_fn_spec()  # resolved here, named to each child
+        self._mp = convert_child.child_context()
+        self._running: dict[tuple[str, int], _Held] = {}  # by (job_id, attempt)
         self._ctx = zmq.Context()
         self._jobs = self._ctx.socket(zmq.PULL)
         self._jobs.setsockopt(zmq.RCVHWM, 1)
@@ -109,7 +108,7 @@ class SdfWorker:
         probe.join(timeout_s)
         if probe.exitcode is None:
             probe.kill()
-            probe.join(KILL_WAIT_S)
+            probe.join(convert_child.KILL_WAIT_S)
             raise InputError(f"a conversion process did not start within {timeout_s:g} s", code="start_failed",
                              stage=Stage.CONVERT)
         if probe.exitcode == convert_child.CHECK_FAILED_EXIT:
@@ -132,8 +131,9 @@ class SdfWorker:
         self.stop()
 
     def run_once(self, timeout_s: float) -> None:
-        """One turn: poll at most ``timeout_s`` for jobs (only with a free slot)
-        and for ending children, handle them, expire late conversions, heartbeat."""
+        """One turn: poll at most ``timeout_s`` for jobs and for news from the
+        conversion children, handle them, move every conversion on (finished,
+        next rung, timed out), heartbeat."""
         if not self._announced:
             self._send_status(protocol.Command.READY)
             self._announced = True
@@ -143,16 +143,16 @@ class SdfWorker:
         # slot, so a job that lands here while all slots are taken goes straight
         # back ("busy") instead of waiting in this socket behind a long conversion.
         poller.register(self._jobs, zmq.POLLIN)
-        for fd in self._running:
-            poller.register(fd, zmq.POLLIN)
-        deadlines = [c.started_s + self.convert_timeout_s for c in self._running.values()]
-        wait_s = min([timeout_s, self._next_heartbeat_s - now_s, *(d - now_s for d in deadlines)])
+        for held in self._running.values():
+            for fd in held.conversion.waitables():
+                poller.register(fd, zmq.POLLIN)
+        wakes = [held.conversion.wake_s for held in self._running.values()]
+        wait_s = min([timeout_s, self._next_heartbeat_s - now_s, *(w - now_s for w in wakes)])
         events = dict(poller.poll(math.ceil(max(0.0, wait_s) * 1000.0)))
-        for fd in [fd for fd in self._running if fd in events]:
-            self._finish(self._running.pop(fd))
+        # Every conversion, readable or not: advancing one is a pipe poll and an exit check.
+        self._advance()
         if self._jobs in events:
             self._take_jobs()
-        self._expire()
         if time.monotonic() >= self._next_heartbeat_s:
             self._send_status(protocol.Command.HEARTBEAT)
 
@@ -160,19 +160,17 @@ class SdfWorker:
         """Say DISCONNECT and kill running conversions (the broker's lease
         re-pushes them elsewhere)."""
         self._send(protocol.encode(protocol.Disconnect(reason="shutdown", worker_id=self.worker_id)))
-        for conversion in list(self._running.values()):
-            log.warning("stopping: abandoning job %s", conversion.job_id)
-            self._kill(conversion)
-            shutil.rmtree(conversion.job_dir, ignore_errors=True)
+        for held in list(self._running.values()):
+            log.warning("stopping: abandoning job %s", held.job_id)
+            self._abandon(held)
         self._running.clear()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for conversion in self._running.values():
-            self._kill(conversion)
-            shutil.rmtree(conversion.job_dir, ignore_errors=True)
+        for held in self._running.values():
+            self._abandon(held)
         self._running.clear()
         self._jobs.close(linger=0)
         # A short linger lets the last results and the DISCONNECT reach the broker.
@@ -201,7 +199,7 @@ class SdfWorker:
         self._dropping = False
 
     def _send_status(self, command: protocol.Command) -> None:
-        held = [[c.job_id, c.attempt] for c in self._running.values()]
+        held = [[h.job_id, h.attempt] for h in self._running.values()]
         status = protocol.SdfStatus(
             worker_id=self.worker_id, slots=self.slots, free=self.free, held=held,
             hostname=socket.gethostname(), pid=os.getpid(), heartbeat_interval_s=self.heartbeat_interval_s,
@@ -238,11 +236,11 @@ class SdfWorker:
             if self.free <= 0:
                 self._bounce(job)
                 continue
-            if any((c.job_id, c.attempt) == (job.job_id, job.attempt) for c in self._running.values()):
+            if (job.job_id, job.attempt) in self._running:
                 log.warning("job %s attempt %d is already converting here; duplicate dropped", job.job_id, job.attempt)
                 continue
             try:
-                options = convert_child.checked_options(job.name, job.glb, job.convert)
+                options = _checked_options(job)
             except GeomgenError as exc:
                 self._reply(job, error=exc.to_dict())
                 continue
@@ -257,79 +255,59 @@ class SdfWorker:
             worker_id=self.worker_id, job_id=job.job_id, attempt=job.attempt, ok=False, error=busy),
             protocol.Command.FINAL))
 
-    def _start(self, job: protocol.SdfJob, options: dict) -> None:
+    def _start(self, job: protocol.SdfJob, options: contract.ConvertOptions) -> None:
         job_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-sdf-{job.job_id[:16]}-"))
-        process = self._mp.Process(
-            target=convert_child.run, args=(str(job_dir), job.glb, f"{job.name}.glb", job.name, options),
-            name=f"convert-{job.job_id}", daemon=False,  # it may start its own children
-        )
+        task = convert_child.glb_task(job.glb, f"{job.name}.glb", job.name, self.convert_fn)
         try:
-            process.start()
-        except Exception as exc:  # noqa: BLE001 - fork/forkserver failures end this job only
+            conversion = convert_child.Conversion(job_dir, task, options, self.convert_timeout_s, context=self._mp,
+                                                  label=f"job {job.job_id}", timeout_hint=TIMEOUT_HINT)
+        except GeomgenError as exc:  # fork/forkserver failures end this job only
             shutil.rmtree(job_dir, ignore_errors=True)
-            self._reply(job, error=protocol.error_dict(
-                Stage.CONVERT, "crashed", f"could not start a conversion process ({type(exc).__name__}: {exc})"))
+            self._reply(job, error=exc.to_dict())
             return
-        self._running[process.sentinel] = _Conversion(job.job_id, job.attempt, job.name, process, job_dir,
-                                                      time.monotonic())
+        self._running[(job.job_id, job.attempt)] = _Held(job.job_id, job.attempt, job.name, conversion)
         self.max_held = max(self.max_held, len(self._running))
         log.info("job %s attempt %d: converting %s (%d bytes) in pid %s", job.job_id, job.attempt, job.name,
-                 len(job.glb), process.pid)
+                 len(job.glb), conversion.pid)
 
     # --- children -------------------------------------------------------------
 
-    def _expire(self) -> None:
-        now_s = time.monotonic()
-        for fd, conversion in list(self._running.items()):
-            if now_s - conversion.started_s <= self.convert_timeout_s:
+    def _advance(self) -> None:
+        """Move every conversion on; reply for those that ended."""
+        for key, held in list(self._running.items()):
+            try:
+                outcome = held.conversion.advance()
+            except GeomgenError as exc:  # a next child could not start
+                outcome = {"error": exc.to_dict()}
+            if outcome is None:
                 continue
-            del self._running[fd]
-            self._kill(conversion)
-            shutil.rmtree(conversion.job_dir, ignore_errors=True)
-            self._reply(_job_of(conversion), seconds=now_s - conversion.started_s, error=protocol.error_dict(
-                Stage.CONVERT, "timeout",
-                f"the conversion ran past the {self.convert_timeout_s:g} s limit and was stopped; try "
-                "collision='hull' or a smaller simplify_faces for this mesh, or raise the SDF worker's "
-                "conversion timeout",
-            ))
+            del self._running[key]
+            conversion = held.conversion
+            try:
+                reply = outcome if "error" in outcome else convert_child.package_files(conversion.job_dir, outcome)
+            finally:
+                conversion.close()
+                shutil.rmtree(conversion.job_dir, ignore_errors=True)
+            self._reply(_job_of(held), seconds=time.monotonic() - conversion.started_s, **reply)
             self._send_status(protocol.Command.HEARTBEAT)
 
-    def _finish(self, conversion: _Conversion) -> None:
-        """A child ended: reply with its package or with why it failed."""
-        process = conversion.process
-        process.join(KILL_WAIT_S)
-        seconds = time.monotonic() - conversion.started_s
-        exitcode = process.exitcode
-        self._kill_group(process.pid)  # grandchildren it may have left behind
-        process.close()
-        try:
-            reply = convert_child.read_outcome(conversion.job_dir, exitcode)
-        finally:
-            shutil.rmtree(conversion.job_dir, ignore_errors=True)
-        self._reply(_job_of(conversion), seconds=seconds, **reply)
-        self._send_status(protocol.Command.HEARTBEAT)
-
-    def _kill(self, conversion: _Conversion) -> None:
-        process = conversion.process
-        self._kill_group(process.pid)
-        process.kill()
-        process.join(KILL_WAIT_S)
-        if process.exitcode is not None:
-            process.close()
-
     @staticmethod
-    def _kill_group(pid: int | None) -> None:
-        # The child made itself a group leader (pgid == pid) at start.
-        if pid is None:
-            return
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def _abandon(held: _Held) -> None:
+        held.conversion.close()
+        shutil.rmtree(held.conversion.job_dir, ignore_errors=True)
 
 
-def _job_of(conversion: _Conversion) -> protocol.SdfJob:
-    return protocol.SdfJob(job_id=conversion.job_id, attempt=conversion.attempt, name=conversion.name, glb=b"")
+def _checked_options(job: protocol.SdfJob) -> contract.ConvertOptions:
+    """A job's conversion options, checked once here (the child and the
+    converter take the object as it is); InputError naming what is wrong."""
+    contract.check_output_name(job.name, "output name")
+    if not job.glb:
+        raise InputError("the job carries no GLB bytes", code="bad_mesh")
+    return contract.convert_options(job.convert)
+
+
+def _job_of(held: _Held) -> protocol.SdfJob:
+    return protocol.SdfJob(job_id=held.job_id, attempt=held.attempt, name=held.name, glb=b"")
 
 
 # --- process entry --------------------------------------------------------------

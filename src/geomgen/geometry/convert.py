@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from geomgen.contract import ConvertOptions, check_output_name, convert_options,
 from geomgen.geometry.repair import make_solid, scene_triangles
 from geomgen.geometry.sdf import SDF_VERSION, sdf_text, write_obj
 from geomgen.geometry.visual import pack_gltf, write_visual
+from geomgen.inputs import local_reference
 
 @dataclass
 class ConversionReport:
@@ -118,7 +120,7 @@ def convert_file(path: Path, out_dir: Path, options: ConvertOptions | None = Non
 
 
 def _gltf_resources(gltf: bytes, folder: Path) -> list[dict]:
-    """Hashes of the external files a .gltf references."""
+    """Hashes of the external files a .gltf references (pack_gltf has read them, inside ``folder``)."""
     try:
         tree = json.loads(gltf.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError):
@@ -126,8 +128,11 @@ def _gltf_resources(gltf: bytes, folder: Path) -> list[dict]:
     found = []
     for entry in (tree.get("buffers") or []) + (tree.get("images") or []):
         uri = entry.get("uri") if isinstance(entry, dict) else None
-        if isinstance(uri, str) and not uri.startswith("data:") and (folder / uri).is_file():
-            blob = (folder / uri).read_bytes()
+        if not isinstance(uri, str) or uri.startswith("data:"):
+            continue
+        path = local_reference(folder, unquote(uri), f"{uri!r}")
+        if path.is_file():
+            blob = path.read_bytes()
             found.append({"name": uri, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)})
     return found
 
@@ -145,7 +150,7 @@ def _convert(
         staging.mkdir()
         report = _build(data, input_name, staging, name, options, sources, start)
         final = out_dir / name
-        _replace_dir(staging, final)
+        replace_dir(staging, final)
     except GeomgenError:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -191,7 +196,6 @@ def _build(
         solid.faces,
         method=options.collision,
         params=options.collision_params,
-        timeout_s=options.decomposition_timeout_s,
         simplify_faces=options.simplify_faces,
     )
     warnings += pieces.warnings
@@ -277,7 +281,7 @@ def _validate(sdf_path: Path, options: ConvertOptions, warnings: list[str]) -> b
     return True
 
 
-def _replace_dir(new: Path, final: Path) -> None:
+def replace_dir(new: Path, final: Path) -> None:
     """Move the finished package ``new`` to ``final``, replacing an older package there."""
     if not final.exists():
         os.replace(new, final)

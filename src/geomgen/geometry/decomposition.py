@@ -1,22 +1,25 @@
 """Convex decomposition of a solid into collision pieces: CoACD, V-HACD or one
 convex hull, behind a fallback ladder.
 
-CoACD and V-HACD are native code that can crash or run for very long, so each
-runs in a child process with a time limit; a crash, a hang or an empty result
-falls down the ladder coacd -> vhacd -> hull, and the result says why.
+The methods run in this process: a whole conversion runs in one child process
+(geomgen.convert_child), which is the only isolation layer. An error or an
+empty result falls down the ladder coacd -> vhacd -> hull here; a crash or a
+method running past its share of the time is seen by the parent, which starts
+a new child at the next rung (see :func:`resumed`), and the result says why.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import contextvars
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from geomgen.errors import ConvertError, InputError
-from geomgen.geometry.child_process import ChildFailed, run_in_child
+from geomgen.contract import collision_params
+from geomgen.errors import ConvertError
 
 LADDER = ("coacd", "vhacd", "hull")
 
@@ -24,42 +27,6 @@ LADDER = ("coacd", "vhacd", "hull")
 # options.simplify_faces is not given. CoACD's time grows with the faces it cuts;
 # at this budget the five reference meshes keep their collision IoU.
 DEFAULT_DECOMPOSITION_FACES = 4000
-
-# geomgen's CoACD defaults, chosen for speed at unchanged fidelity on the
-# reference meshes (see BENCHMARKS.md): a shallower, shorter tree search and a
-# coarser concavity sampling than CoACD's own defaults, and a fixed seed so a
-# mesh always gives the same pieces.
-COACD_DEFAULTS: dict[str, Any] = {
-    "threshold": 0.03,  # concavity allowed per piece, fraction of the bounding-box diagonal
-    "max_convex_hull": -1,  # cap on pieces (-1: no cap)
-    "resolution": 1000,  # surface samples for the concavity metric
-    "mcts_nodes": 10,  # children explored per tree-search node
-    "mcts_iterations": 60,  # tree-search iterations per cut
-    "mcts_max_depth": 2,  # cuts looked ahead
-    "merge": True,  # merge neighbouring pieces whose union stays within threshold
-    "decimate": False,  # cap each hull at max_ch_vertex vertices
-    "max_ch_vertex": 128,  # vertices per hull when decimate is on
-    # Remesh to a manifold first: auto (when CoACD finds it is not one) | on | off. For a
-    # closed solid geomgen passes "off" unless told otherwise: a self-intersection would
-    # make "auto" remesh it to ~50,000 faces, and cutting those is what takes the time.
-    "preprocess_mode": "auto",
-    "preprocess_resolution": 50,  # voxel grid of that remeshing
-    "seed": 0,  # random seed of the tree search
-}
-_COACD_CHOICES = {"preprocess_mode": ("auto", "on", "off")}
-# Values that make CoACD search forever are refused up front; values it rejects
-# itself abort its child at once, and the ladder reports CoACD's message.
-_POSITIVE = {"threshold", "resolution", "max_convex_hulls", "max_recursion_depth", "max_num_vertices_per_ch", "min_volume_percent_error"}
-
-VHACD_DEFAULTS: dict[str, Any] = {
-    "max_convex_hulls": 32,  # cap on pieces
-    "resolution": 100_000,  # voxels in the volume grid
-    "max_recursion_depth": 10,  # splits of a piece at most
-    "max_num_vertices_per_ch": 64,  # vertices per hull
-    "min_volume_percent_error": 1.0,  # stop splitting below this volume error, percent
-}
-
-PARAMETERS = {"coacd": COACD_DEFAULTS, "vhacd": VHACD_DEFAULTS, "hull": {}}
 
 
 @dataclass
@@ -80,43 +47,43 @@ class Decomposition:
     warnings: list[str] = field(default_factory=list)
 
 
-def method_params(method: str, params: dict | None) -> dict[str, Any]:
-    """The method's defaults updated with ``params``; InputError ``bad_option`` for
-    an unknown method, an unknown parameter or a value of the wrong type."""
-    if method not in PARAMETERS:
-        raise InputError(f"collision must be one of {', '.join(LADDER)}, got {method!r}", code="bad_option")
-    defaults = PARAMETERS[method]
-    merged = dict(defaults)
-    for key, value in (params or {}).items():
-        if key not in defaults:
-            known = ", ".join(sorted(defaults)) or "none"
-            raise InputError(
-                f"unknown collision parameter {key!r} for {method}; its parameters are: {known}", code="bad_option"
-            )
-        merged[key] = _typed(method, key, value, defaults[key])
-        if key in _POSITIVE and merged[key] <= 0:
-            raise InputError(f"collision parameter {key} ({method}) must be > 0, got {value!r}", code="bad_option")
-    return merged
+class RungFailed(Exception):
+    """A method raised or gave no usable piece; the message says why, in a few words."""
 
 
-def _typed(method: str, key: str, value: Any, default: Any) -> Any:
-    where = f"collision parameter {key} ({method})"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise InputError(f"{where} must be true or false, got {value!r}", code="bad_option")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where} must be an integer, got {value!r}", code="bad_option")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InputError(f"{where} must be a finite number, got {value!r}", code="bad_option")
-        return float(value)
-    choices = _COACD_CHOICES.get(key, ())
-    if value not in choices:
-        raise InputError(f"{where} must be one of {', '.join(choices)}, got {value!r}", code="bad_option")
-    return value
+@dataclass(frozen=True)
+class Resume:
+    """What a conversion child is told by its parent about the ladder.
+
+    start: the rung to begin at (None: the requested method); fallbacks: why the
+    rungs before it failed in earlier children; on_rung: called with each rung's
+    name as it starts, and with None once the decomposition is over.
+    """
+
+    start: str | None = None
+    fallbacks: tuple[str, ...] = ()
+    on_rung: Callable[[str | None], None] | None = None
+
+
+_resume: contextvars.ContextVar[Resume] = contextvars.ContextVar("geomgen_ladder_resume", default=Resume())
+
+
+@contextlib.contextmanager
+def resumed(resume: Resume) -> Iterator[None]:
+    """Every decompose() inside the block follows ``resume``: the conversion
+    function's signature stays (data, name, out_dir, name, options) while the
+    child running it tells decompose where the ladder stands."""
+    token = _resume.set(resume)
+    try:
+        yield
+    finally:
+        _resume.reset(token)
+
+
+def next_rung(rung: str) -> str | None:
+    """The rung after ``rung`` on the ladder, None after the hull."""
+    index = LADDER.index(rung) + 1
+    return LADDER[index] if index < len(LADDER) else None
 
 
 def simplify(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray, str | None]:
@@ -158,57 +125,58 @@ def decompose(
     faces: np.ndarray,
     method: str = "coacd",
     params: dict | None = None,
-    timeout_s: float = 300.0,
     simplify_faces: int | None = None,
 ) -> Decomposition:
     """Convex pieces of the solid ``vertices`` (N, 3), ``faces`` (M, 3).
 
     ``method`` starts the ladder coacd -> vhacd -> hull at that rung; ``params``
-    are that method's parameters (method_params); the methods it falls back to
-    use their defaults. CoACD and V-HACD each run in a child process limited to
-    ``timeout_s`` seconds, on the solid simplified to ``simplify_faces`` faces
-    (default DEFAULT_DECOMPOSITION_FACES). Raises InputError for bad parameters
-    and ConvertError ``decomposition_failed`` when even the hull fails.
+    are that method's parameters (contract.collision_params); the methods it
+    falls back to use their defaults. CoACD and V-HACD run on the solid
+    simplified to ``simplify_faces`` faces (default DEFAULT_DECOMPOSITION_FACES).
+    Inside :func:`resumed` the ladder starts at the rung the parent says.
+    Raises InputError ``bad_option`` for bad parameters and ConvertError
+    ``decomposition_failed`` when even the hull fails.
     """
     start = time.monotonic()
-    chosen = method_params(method, params)
+    resume = _resume.get()
+    chosen = collision_params(method, params, resolve=True)
+    first = resume.start or method
+    if first not in LADDER[LADDER.index(method):]:
+        raise ConvertError(f"the ladder cannot resume at {first!r} for collision={method!r}", code="convert_failed")
     budget = DEFAULT_DECOMPOSITION_FACES if simplify_faces is None else int(simplify_faces)
     warnings: list[str] = []
-    fallbacks: list[str] = []
+    fallbacks = list(resume.fallbacks)
     used_vertices, used_faces = vertices, faces
-    if method != "hull":
+    if first != "hull":
         used_vertices, used_faces, note = simplify(vertices, faces, budget)
         if note:
             warnings.append(note)
-    for rung in LADDER[LADDER.index(method) :]:
-        rung_params = chosen if rung == method else dict(PARAMETERS[rung])
-        if rung == "coacd" and "preprocess_mode" not in (params or {}) and _closed(used_faces):
-            rung_params = {**rung_params, "preprocess_mode": "off"}
-        try:
-            if rung == "hull":
-                raw = _hull_pieces(np.asarray(vertices, dtype=float))
-            else:
-                target = _coacd_pieces if rung == "coacd" else _vhacd_pieces
-                raw = run_in_child(
-                    target,
-                    (np.ascontiguousarray(used_vertices, dtype=float), np.ascontiguousarray(used_faces, dtype=np.int64), rung_params),
-                    timeout_s,
-                )
-            pieces = clean_pieces(raw)
-            if not pieces:
-                raise ChildFailed("returned no usable convex piece")
-        except ChildFailed as exc:
-            fallbacks.append(f"{rung}: {exc}")
-            continue
-        return Decomposition(
-            pieces=pieces,
-            method=rung,
-            fallbacks=fallbacks,
-            seconds=time.monotonic() - start,
-            faces_in=len(faces) if rung == "hull" else len(used_faces),
-            params=rung_params,
-            warnings=warnings,
-        )
+    try:
+        for rung in LADDER[LADDER.index(first):]:
+            rung_params = chosen if rung == method else collision_params(rung, {}, resolve=True)
+            if rung == "coacd" and "preprocess_mode" not in (params or {}) and _closed(used_faces):
+                rung_params = {**rung_params, "preprocess_mode": "off"}
+            if resume.on_rung is not None:
+                resume.on_rung(rung)
+            # The hull needs no simplified solid: it takes every vertex given.
+            rung_vertices, rung_faces = (vertices, faces) if rung == "hull" else (used_vertices, used_faces)
+            try:
+                raw = RUNGS[rung](np.ascontiguousarray(rung_vertices, dtype=float),
+                                  np.ascontiguousarray(rung_faces, dtype=np.int64), rung_params)
+                pieces = clean_pieces(raw)
+                if not pieces:
+                    raise RungFailed("returned no usable convex piece")
+            except RungFailed as exc:
+                fallbacks.append(f"{rung}: {exc}")
+                continue
+            except Exception as exc:  # noqa: BLE001 - a method's own error falls down the ladder
+                fallbacks.append(f"{rung}: raised {type(exc).__name__}: {exc}")
+                continue
+            return Decomposition(pieces=pieces, method=rung, fallbacks=fallbacks, seconds=time.monotonic() - start,
+                                 faces_in=len(rung_faces), params=rung_params, warnings=warnings)
+    finally:
+        if resume.on_rung is not None:
+            resume.on_rung(None)
     raise ConvertError(
         "convex decomposition failed with every method (" + "; ".join(fallbacks) + ")", code="decomposition_failed"
     )
@@ -246,19 +214,19 @@ def clean_pieces(raw: list) -> list[tuple[np.ndarray, np.ndarray]]:
     return pieces
 
 
-def _hull_pieces(vertices: np.ndarray) -> list:
-    """One convex hull of every vertex, computed in this process (qhull does not hang)."""
+def _hull_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
+    """One convex hull of every vertex (qhull does not hang)."""
     import trimesh
 
     try:
         hull = trimesh.convex.convex_hull(vertices)
     except Exception as exc:
-        raise ChildFailed(f"no convex hull ({type(exc).__name__}: {exc})") from None
+        raise RungFailed(f"no convex hull ({type(exc).__name__}: {exc})") from None
     return [(hull.vertices, hull.faces)]
 
 
 def _coacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
-    """CoACD's pieces; runs in the child process."""
+    """CoACD's pieces of the solid (N, 3), (M, 3)."""
     import coacd
 
     coacd.set_log_level("error")
@@ -267,7 +235,7 @@ def _coacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list
 
 
 def _vhacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
-    """V-HACD's pieces (vhacdx); runs in the child process."""
+    """V-HACD's pieces (vhacdx) of the solid (N, 3), (M, 3)."""
     import vhacdx
 
     # vhacdx takes faces in VTK's polydata layout: a flat [3, a, b, c, 3, ...].
@@ -282,3 +250,8 @@ def _vhacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list
         maxNumVerticesPerCH=params["max_num_vertices_per_ch"],
     )
     return [(np.asarray(v, dtype=float), np.asarray(f, dtype=np.int64)) for v, f in hulls]
+
+
+# Each rung's function: (vertices (N, 3), faces (M, 3), params) -> raw pieces.
+# A table, so that a test converter can stand in a method that crashes or hangs.
+RUNGS: dict[str, Callable[..., list]] = {"coacd": _coacd_pieces, "vhacd": _vhacd_pieces, "hull": _hull_pieces}

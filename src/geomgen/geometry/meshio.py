@@ -12,12 +12,13 @@ import math
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import numpy as np
 
 from geomgen import defaults
 from geomgen.errors import GenerateError, InputError
-from geomgen.inputs import IMAGE_FORMATS, sniff_format
+from geomgen.inputs import IMAGE_FORMATS, local_reference, sniff_format
 
 if TYPE_CHECKING:
     import trimesh
@@ -91,9 +92,11 @@ def load_mesh_file(path: Path) -> "trimesh.Scene":
     """Load a mesh file from disk, resolving files next to it.
 
     Like load_mesh, but a glTF's external buffers and images and an OBJ's
-    material library are read from the file's folder (the way tools export
-    them). Raises InputError ``unreadable_input`` when the file cannot be read,
-    and the codes of load_mesh otherwise.
+    material library and textures are read from the file's folder (the way
+    tools export them), and only from there. Raises InputError
+    ``unreadable_input`` when the file cannot be read, ``unsafe_reference``
+    (inputs.local_reference) when it names a file outside its folder, before
+    any byte of that file is read, and the codes of load_mesh otherwise.
     """
     import trimesh
 
@@ -108,15 +111,60 @@ def load_mesh_file(path: Path) -> "trimesh.Scene":
     if fmt in ("glb", "gltf"):
         tree = _glb_json(data, path.name) if fmt == "glb" else _gltf_json(data, path.name)
         for uri in _check_gltf_tree(tree, path.name, fmt, allow_external=True):
-            if not (path.parent / uri).is_file():
+            if not local_reference(path.parent, unquote(uri), path.name).is_file():
                 raise _bad(path.name, f"it references {uri!r}, which is not in {path.parent}")
+    else:
+        _check_obj_references(data, path)
     try:
-        scene = trimesh.load_scene(str(path), file_type=fmt, process=False)
+        scene = trimesh.load_scene(str(path), file_type=fmt, process=False,
+                                   resolver=_folder_resolver(path))
     except InputError:
         raise
     except Exception as exc:
         raise _bad(path.name, f"cannot parse this {fmt.upper()} file ({type(exc).__name__}: {exc})") from None
     return _checked(scene, path.name, [])
+
+
+# MTL statements whose last word is a texture file.
+_MTL_TEXTURE_KEYS = ("map_", "bump", "disp", "decal", "refl", "norm")
+
+
+def _check_obj_references(data: bytes, path: Path) -> None:
+    """Every material library an OBJ names, and every texture those libraries
+    name, must lie inside the OBJ's folder (inputs.local_reference)."""
+    for library in _statement_values(data, ("mtllib",)):
+        target = local_reference(path.parent, library, path.name)
+        try:
+            text = target.read_bytes()
+        except OSError:
+            continue  # a missing library leaves the mesh without materials, as trimesh does
+        for texture in _statement_values(text, _MTL_TEXTURE_KEYS):
+            local_reference(path.parent, texture, f"{path.name}'s material library {library!r}")
+
+
+def _statement_values(text: bytes, keys: tuple[str, ...]) -> list[str]:
+    """The file names of the OBJ/MTL statements starting with one of ``keys``:
+    the whole rest of the line and its last word (readers differ on names with spaces)."""
+    values = []
+    for line in text.decode("utf-8", "replace").splitlines():
+        words = line.split(None, 1)
+        if len(words) == 2 and words[0].lower().startswith(keys):
+            rest = words[1].strip()
+            values += [rest, rest.split()[-1]] if rest else []
+    return values
+
+
+def _folder_resolver(path: Path) -> Any:
+    """trimesh's file resolver for ``path``, held to inputs.local_reference: a
+    file trimesh looks up outside the mesh's folder is refused, never read."""
+    import trimesh
+
+    class FolderResolver(trimesh.resolvers.FilePathResolver):
+        def get(self, name: str) -> bytes:
+            local_reference(path.parent, name, path.name)
+            return super().get(name)
+
+    return FolderResolver(str(path))
 
 
 def _check_binary_stl(data: bytes, name: str) -> None:

@@ -14,10 +14,12 @@ import json
 import struct
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
 from geomgen.errors import InputError
+from geomgen.inputs import format_from_magic, local_reference
 
 _GLB_MAGIC = b"glTF"
 _CHUNK_JSON = 0x4E4F534A
@@ -115,7 +117,8 @@ def write_visual(glb: bytes, out_dir: Path, name: str, transform: np.ndarray | N
 def pack_gltf(gltf: bytes, folder: Path) -> bytes:
     """A self-contained GLB from a .gltf file's bytes and the ``folder`` holding the
     buffers and images it references (files or data: URIs), copied byte for byte.
-    Raises InputError ``bad_mesh`` for invalid JSON or a missing file."""
+    Raises InputError ``bad_mesh`` for invalid JSON or a missing file, and
+    ``unsafe_reference`` for a reference to a file outside ``folder`` (none is read)."""
     try:
         tree = json.loads(gltf.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -158,14 +161,12 @@ def pack_gltf(gltf: bytes, folder: Path) -> bytes:
 
 
 def _resource(uri: object, folder: Path, what: str) -> tuple[bytes, str | None]:
-    """Bytes (and media type, if known) of a glTF buffer or image URI: data: or a file in ``folder``."""
-    from urllib.parse import unquote
-
+    """Bytes (and media type, if known) of a glTF buffer or image URI: data: or a file inside ``folder``."""
     if not isinstance(uri, str):
         raise InputError(f"the glTF's {what} has no uri", code="bad_mesh")
     if uri.startswith("data:"):
         return _data_uri(uri, what)
-    path = Path(folder) / unquote(uri)
+    path = local_reference(folder, unquote(uri), f"the glTF's {what}")
     try:
         data = path.read_bytes()
     except OSError:
@@ -211,8 +212,6 @@ _SUFFIX_OF_FORMAT = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
 
 
 def _sniff_suffix(data: bytes) -> str:
-    from geomgen.inputs import format_from_magic
-
     return _SUFFIX_OF_FORMAT.get(format_from_magic(data) or "", ".bin")
 
 
