@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import zmq
 
 from geomgen import __version__, defaults, protocol
+from geomgen.admission import Limits
 from geomgen.dispatch import Dispatcher
 from geomgen.endpoints import Endpoints
 from geomgen.lifecycle import stop_on_signals
@@ -46,7 +47,8 @@ class Broker:
 
     Durations are seconds. ``known_backends`` are the names a request may ask
     for before any worker registered them (default: every registered backend
-    plug-in); a name a worker registers becomes known too. Use ``bind()`` then
+    plug-in); a name a worker registers becomes known too. ``limits`` bound
+    what the broker holds (admission.Limits; default from defaults.py). Use ``bind()`` then
     ``run(stop)`` (or ``run_once`` in a loop of your own), then ``close()``.
     """
 
@@ -61,6 +63,7 @@ class Broker:
         sdf_lease_s: float = defaults.SDF_LEASE_S,
         max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
         known_backends: Iterable[str] | None = None,
+        limits: Limits | None = None,
         context: zmq.Context | None = None,
     ) -> None:
         if known_backends is None:
@@ -83,6 +86,7 @@ class Broker:
             sdf_lease_s=sdf_lease_s,
             known_backends=known_backends,
             now=now,
+            limits=limits,
         )
         self._ctx = context or zmq.Context()
         self._own_context = context is None
@@ -206,6 +210,7 @@ class Broker:
             "protocol_version": protocol.VERSION,
             "broker_id": self.broker_id,
             "endpoints": {"client": ep.client, "worker": ep.worker, "sdf_job": ep.sdf_job, "sdf_result": ep.sdf_result},
+            "admission": d.admission.summary(),
         }
         return health_report(
             d.stats, time.monotonic(), header=header, backend_names=d.available_backends(),

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from geomgen import __version__, contract, defaults
+from geomgen.admission import Limits
 from geomgen.endpoints import Endpoints, parse_broker
 from geomgen.errors import GeomgenError, InputError
 
@@ -177,9 +178,18 @@ def main() -> None:
               help="Seconds a request waits for a live worker of its backend before failing with no_worker.")
 @click.option("--sdf-lease", type=float, default=defaults.SDF_LEASE_S, show_default=True,
               help="Seconds an SDF job may go unreported by any SDF worker before it is pushed again.")
+@click.option("--max-jobs", type=click.IntRange(min=1), default=defaults.MAX_HELD_JOBS, show_default=True,
+              help="Jobs the broker holds at most (queued, running, converting); more are refused 'busy'.")
+@click.option("--max-bytes", type=click.IntRange(min=1), default=defaults.MAX_HELD_BYTES, show_default=True,
+              help="Input and GLB bytes the broker holds at most.")
+@click.option("--max-client-jobs", type=click.IntRange(min=1), default=defaults.MAX_CLIENT_JOBS, show_default=True,
+              help="Jobs one client may have at the broker.")
+@click.option("--max-client-bytes", type=click.IntRange(min=1), default=defaults.MAX_CLIENT_BYTES,
+              show_default=True, help="Input and GLB bytes one client may have at the broker.")
 @verbose_option
 def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, heartbeat_interval, liveness,
-           max_retries, no_worker_timeout, sdf_lease, verbose) -> None:
+           max_retries, no_worker_timeout, sdf_lease, max_jobs, max_bytes, max_client_jobs, max_client_bytes,
+           verbose) -> None:
     """Run the broker: the only process that binds (four ports from --port).
 
     Example: geomgen broker --host 0.0.0.0 --port 5555
@@ -193,7 +203,8 @@ def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, 
     _logging(verbose)
     sys.exit(broker_role.serve(endpoints, heartbeat_interval_s=heartbeat_interval, heartbeat_liveness=liveness,
                                max_retries=max_retries, no_worker_timeout_s=no_worker_timeout,
-                               sdf_lease_s=sdf_lease))
+                               sdf_lease_s=sdf_lease,
+                               limits=Limits(max_jobs, max_bytes, max_client_jobs, max_client_bytes)))
 
 
 @cli.command("gpu-worker")

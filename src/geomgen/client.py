@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class _Item:
     frames: list[bytes]
     sent_at: float = 0.0
     glb_path: Path | None = None
+    resend_at: float = 0.0  # when an item the broker refused as busy is sent again
+    refusals: int = 0
 
 
 class GeometryClient:
@@ -203,12 +206,17 @@ class GeometryClient:
         self._classes = {}
         self._claimed = {}
         outstanding: dict[str, _Item] = {}
+        # Items the broker refused as busy, sent again after its retry-after hint;
+        # they count against max_in_flight but are not in the heartbeat (the broker
+        # does not hold them, and would have them sent again at once).
+        deferred: dict[str, _Item] = {}
         finished: set[str] = set()
         next_index = 0
         last_heard = next_beat = time.monotonic()
         try:
-            while next_index < len(requests) or outstanding:
-                while next_index < len(requests) and len(outstanding) < self.max_in_flight:
+            while next_index < len(requests) or outstanding or deferred:
+                self._resend_deferred(deferred, outstanding)
+                while next_index < len(requests) and len(outstanding) + len(deferred) < self.max_in_flight:
                     index, next_index = next_index, next_index + 1
                     try:
                         item = self._prepare(index, requests[index], f"{call_id}-{index}", progress_events)
@@ -222,33 +230,50 @@ class GeometryClient:
                         last_heard = time.monotonic()  # the silence clock runs only while waiting
                     item.sent_at = time.monotonic()
                     outstanding[item.request_id] = item
-                if not outstanding:
+                if not outstanding and not deferred:
                     continue
                 now = time.monotonic()
+                if not outstanding:  # only refused items, waiting for their retry-after
+                    received = self._receive(min(i.resend_at for i in deferred.values()) - now)
+                    if received is not None:
+                        yield from self._handle(*received, outstanding, finished, deferred)
+                    continue
                 if now >= next_beat:
                     self._send(protocol.ClientHeartbeat(request_ids=list(outstanding)))
                     next_beat = now + self.heartbeat_interval_s
                 if now - last_heard >= self.timeout_s:
                     error = TransportError(self._silence(self.timeout_s), code="timeout")
-                    for item in outstanding.values():
+                    for item in [*outstanding.values(), *deferred.values()]:
                         yield final_event(failure(item.index, item.request, error))
                     outstanding.clear()
+                    deferred.clear()
                     for index in range(next_index, len(requests)):
                         yield final_event(failure(index, requests[index], error))
                     next_index = len(requests)
                     self._reconnect()
                     break
-                received = self._receive(min(next_beat, last_heard + self.timeout_s) - now)
+                wake = min([next_beat, last_heard + self.timeout_s, *(i.resend_at for i in deferred.values())])
+                received = self._receive(wake - now)
                 if received is None:
                     continue
                 last_heard = time.monotonic()
-                yield from self._handle(*received, outstanding, finished)
+                yield from self._handle(*received, outstanding, finished, deferred)
         finally:
             if outstanding and self._socket is not None:
                 self._send(protocol.Cancel(request_ids=list(outstanding)))
 
+    def _resend_deferred(self, deferred: dict[str, _Item], outstanding: dict[str, _Item]) -> None:
+        """Send again the refused items whose retry-after has passed."""
+        now = time.monotonic()
+        for request_id in [r for r, item in deferred.items() if item.resend_at <= now]:
+            if not self._send_frames(deferred[request_id].frames):
+                return  # the queue towards the broker is full; try on the next turn
+            item = deferred.pop(request_id)
+            item.sent_at = now
+            outstanding[request_id] = item
+
     def _handle(self, command: Command, message: Any, outstanding: dict[str, _Item],
-                finished: set[str]) -> Iterator[GeometryEvent]:
+                finished: set[str], deferred: dict[str, _Item]) -> Iterator[GeometryEvent]:
         if command == Command.HEARTBEAT:
             for request_id in message.unknown:
                 item = outstanding.get(request_id)
@@ -280,6 +305,15 @@ class GeometryClient:
             item = outstanding.pop(message.request_id, None)
             if item is None:
                 return  # a result for an earlier, abandoned batch
+            retry_after_s = _busy_retry_after_s(message)
+            if retry_after_s is not None:
+                # The broker holds as much as it may: not this item's failure. Send it
+                # again later (a little jitter, so refused clients do not return in step).
+                item.refusals += 1
+                item.resend_at = time.monotonic() + retry_after_s * random.uniform(1.0, 1.5)
+                deferred[item.request_id] = item
+                log.debug("broker busy; request %s again in %.2f s", item.request_id, retry_after_s)
+                return
             finished.add(message.request_id)
             yield final_event(self._finish(item, message))
 
@@ -377,3 +411,14 @@ class GeometryClient:
         if isinstance(self._auto_backend, GeomgenError):
             raise self._auto_backend
         return self._auto_backend
+
+
+def _busy_retry_after_s(result: protocol.Result) -> float | None:
+    """The retry-after of a broker's ``busy`` refusal, else None."""
+    error = result.error if isinstance(result.error, dict) else {}
+    if result.ok or error.get("code") != "busy" or result.attempts:
+        return None
+    value = error.get("retry_after_s")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= defaults.BUSY_RETRY_MAX_S:
+        return defaults.BUSY_RETRY_MIN_S
+    return float(value)

@@ -31,6 +31,14 @@ SDF_CONVERT_TIMEOUT_S = 600.0  # a conversion child running longer is killed
 CLIENT_TIMEOUT_S = 60.0  # broker silence after which a client fails its outstanding items
 CLIENT_MAX_IN_FLIGHT = 64  # requests one generate() call keeps outstanding at the broker
 
+# --- admission (what the broker holds: accepted jobs not yet finished, and their bytes) ---
+MAX_HELD_JOBS = 20_000  # jobs, all clients together; more are refused `busy`
+MAX_HELD_BYTES = 256 * 1024 * 1024  # input and GLB bytes held, all clients together, bytes
+MAX_CLIENT_JOBS = 5_000  # jobs one client identity may have at the broker
+MAX_CLIENT_BYTES = 128 * 1024 * 1024  # input and GLB bytes one client identity may have at the broker, bytes
+BUSY_RETRY_MIN_S = 0.5  # shortest retry-after a `busy` refusal suggests, seconds
+BUSY_RETRY_MAX_S = 30.0  # longest retry-after a `busy` refusal suggests, seconds
+
 # --- inputs ------------------------------------------------------------------
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard, pixels (width x height)
 MAX_INPUT_BYTES = 256 * 1024 * 1024  # largest input file a client will send, bytes

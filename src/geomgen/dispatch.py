@@ -13,6 +13,7 @@ import random
 from typing import Any, Iterable, Protocol
 
 from geomgen import defaults
+from geomgen.admission import Admission, Limits
 from geomgen.errors import InputError, Stage
 from geomgen.backends import load_backend_class
 from geomgen.contract import check_backend_options
@@ -59,7 +60,7 @@ class Dispatcher:
 
     def __init__(self, out: Outbox, *, broker_id: str, address: str, heartbeat_interval_s: float,
                  heartbeat_liveness: int, max_retries: int, no_worker_timeout_s: float, sdf_lease_s: float,
-                 known_backends: Iterable[str], now: float) -> None:
+                 known_backends: Iterable[str], now: float, limits: Limits | None = None) -> None:
         self.out = out
         self.broker_id = broker_id
         self.address = address  # HOST:PORT clients and workers use, for error messages
@@ -80,6 +81,8 @@ class Dispatcher:
         self.sdf = SdfPool(sdf_lease_s)
         self.waits = WaitList()
         self.stats = BrokerStats(started_at=now)
+        self.admission = Admission(limits or Limits(defaults.MAX_HELD_JOBS, defaults.MAX_HELD_BYTES,
+                                                    defaults.MAX_CLIENT_JOBS, defaults.MAX_CLIENT_BYTES))
         # Job ids: this broker's id and a counter, unique across broker restarts and
         # cheaper than a uuid per job.
         self._job_numbers = itertools.count(1)
@@ -108,12 +111,22 @@ class Dispatcher:
                 message += f"; available backends: {', '.join(self.available_backends())}"
             self.reject(identity, req.request_id, req.backend, exc.stage, exc.code, message)
             return
+        size_bytes = len(req.input_data)
+        crowded = self.admission.refusal(identity, size_bytes)
+        if crowded is not None:
+            self.admission.refused += 1
+            retry_after_s = self._retry_after_s()
+            self.reject(identity, req.request_id, req.backend, Stage.TRANSPORT, "busy",
+                        f"{crowded}; send it again in {retry_after_s:.1f} s (GeometryClient does)",
+                        retry_after_s=retry_after_s)
+            return
         timeout_s = self.no_worker_timeout_s if req.no_worker_timeout_s is None else float(req.no_worker_timeout_s)
         job_id = f"{self._job_prefix}{next(self._job_numbers):x}"
         job = JobRecord(job_id, identity, req, terms, req.scene_id or f"client:{identity.hex()}",
                         accepted_at=now, no_worker_timeout_s=timeout_s)
         self.jobs[job.job_id] = job
         self.keys[(identity, req.request_id)] = job.job_id
+        self.admission.charge(job.job_id, identity, size_bytes)
         self.stats.accepted += 1
         self._event(job, EventKind.QUEUED, detail=f"backend {req.backend}, scene {job.scene_key}")
         self._enqueue(job, now)
@@ -128,12 +141,21 @@ class Dispatcher:
                 return None
         return self.declared[backend]
 
-    def reject(self, identity: bytes, request_id: str, backend: str, stage: Any, code: str, message: str) -> None:
-        """Answer a request that was never accepted with its one FINAL error."""
+    def reject(self, identity: bytes, request_id: str, backend: str, stage: Any, code: str, message: str,
+               retry_after_s: float | None = None) -> None:
+        """Answer a request that was never accepted with its one FINAL error
+        (with ``retry_after_s`` in the error map for a ``busy`` refusal)."""
         self.stats.rejected += 1
         log.info("rejected request %s from client %s: %s (%s)", request_id, identity.hex(), message, code)
-        error = error_dict(stage, code, message)
+        error: dict[str, Any] = error_dict(stage, code, message)
+        if retry_after_s is not None:
+            error["retry_after_s"] = round(retry_after_s, 3)
         self.out.to_client(identity, Result(request_id, ok=False, error=error, backend=backend, attempts=0))
+
+    def _retry_after_s(self) -> float:
+        """When a refused request may find room: about one job's time, within bounds."""
+        typical_s = self.stats.total.mean_s if self.stats.total.count else defaults.BUSY_RETRY_MIN_S
+        return min(defaults.BUSY_RETRY_MAX_S, max(defaults.BUSY_RETRY_MIN_S, typical_s))
 
     def unknown(self, identity: bytes, request_ids: list) -> list[str]:
         """Ids from a client heartbeat that this broker does not hold."""
@@ -170,6 +192,7 @@ class Dispatcher:
         """Send the one FINAL of ``job`` and forget the job."""
         self.jobs.pop(job.job_id, None)
         self.keys.pop((job.client, job.request.request_id), None)
+        self.admission.release(job.job_id)
         self.waits.cancel(job.job_id)
         job.state, job.waiting_in = (JobState.FAILED if error else JobState.DONE), None
         info = dict(info or {})
@@ -396,6 +419,7 @@ class Dispatcher:
         job.gen_info, job.debug_files = dict(res.info), dict(res.debug_files)
         job.request.input_data = b""  # a finished generation never runs again; free the input
         glb = bytes(res.glb)
+        self.admission.resize(job.job_id, len(glb) if job.request.want_sdf else 0)
         self.stats.generate.add(job.generate_s)
         self._event(job, EventKind.GLB_READY, glb=glb, timings=job.timings(now), worker=worker.worker_id)
         if not job.request.want_sdf:
