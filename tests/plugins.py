@@ -14,6 +14,7 @@ from pathlib import Path
 
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
 from geomgen.errors import BackendUnavailable, GenerateError, InputError
+from geomgen.optionspec import OptionSpec
 
 # Captured at import: proves the worker set CUDA_VISIBLE_DEVICES before it
 # imported any backend module (where a real backend would import torch).
@@ -211,3 +212,10 @@ def selectable_convert(data: bytes, input_name: str, out_dir: Path, name: str, o
             return convert_mesh(data, input_name, out_dir, name, options)
     return convert_mesh(data, input_name, out_dir, name, options)
 
+class DeclaredBackend(InstantBackend):
+    """InstantBackend that declares its options, as a third-party backend may:
+    the broker learns the declaration from the worker's READY and refuses a
+    misspelt or out-of-range option before the job reaches the worker."""
+
+    name = "declared"
+    options_spec = (OptionSpec("delay_s", "number", 0.0, 0.0, 60.0, help="synthetic GPU time, seconds"),)
