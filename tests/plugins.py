@@ -212,6 +212,7 @@ def selectable_convert(data: bytes, input_name: str, out_dir: Path, name: str, o
             return convert_mesh(data, input_name, out_dir, name, options)
     return convert_mesh(data, input_name, out_dir, name, options)
 
+
 class DeclaredBackend(InstantBackend):
     """InstantBackend that declares its options, as a third-party backend may:
     the broker learns the declaration from the worker's READY and refuses a
