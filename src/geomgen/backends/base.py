@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Callable, ClassVar
 
 from geomgen.contract import SCOPE_HINT, scoped_options
 from geomgen.optionspec import OptionSpec, resolve_options

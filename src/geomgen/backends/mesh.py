@@ -4,7 +4,6 @@ geomgen's GLB conventions (+Y up, metres, resting on y = 0, centred in x/z).
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
