@@ -93,6 +93,10 @@ class Admission:
         self.total.jobs -= 1
         self.total.bytes -= size_bytes
 
+    def clients(self) -> list[bytes]:
+        """Client identities holding jobs."""
+        return list(self._clients)
+
     def client_jobs(self, client: bytes) -> int:
         usage = self._clients.get(client)
         return usage.jobs if usage else 0

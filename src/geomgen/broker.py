@@ -30,6 +30,7 @@ log = logging.getLogger("geomgen.broker")
 
 DRAIN_BATCH = 256  # messages read from one socket per loop turn, so no socket starves the others
 HOUSEKEEPING_MAX_S = 0.05  # housekeeping runs at least this often (and 4 times per heartbeat interval)
+UNDELIVERED_LOG_INTERVAL_S = 10.0  # at most one "could not deliver" line per client per this period
 CLIENT_YIELD_BATCH = 32  # requests read between two worker / SDF messages: new work goes first, but a
 # flood of requests holds each result back for at most this many
 
@@ -48,7 +49,10 @@ class Broker:
     Durations are seconds. ``known_backends`` are the names a request may ask
     for before any worker registered them (default: every registered backend
     plug-in); a name a worker registers becomes known too. ``limits`` bound
-    what the broker holds (admission.Limits; default from defaults.py). Use ``bind()`` then
+    what the broker holds (admission.Limits; default from defaults.py). A
+    client holding jobs and silent for ``client_liveness_s`` is gone: its jobs
+    are dropped. ``client_send_hwm`` messages wait for a client that does not
+    read; more are dropped. Use ``bind()`` then
     ``run(stop)`` (or ``run_once`` in a loop of your own), then ``close()``.
     """
 
@@ -61,9 +65,11 @@ class Broker:
         max_retries: int = defaults.MAX_RETRIES,
         no_worker_timeout_s: float = defaults.NO_WORKER_TIMEOUT_S,
         sdf_lease_s: float = defaults.SDF_LEASE_S,
-        max_message_bytes: int = defaults.MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
         known_backends: Iterable[str] | None = None,
         limits: Limits | None = None,
+        client_liveness_s: float = defaults.CLIENT_LIVENESS_S,
+        client_send_hwm: int = defaults.CLIENT_SEND_HWM,
         context: zmq.Context | None = None,
     ) -> None:
         if known_backends is None:
@@ -71,7 +77,15 @@ class Broker:
 
             known_backends = backend_names()
         self.endpoints = endpoints
-        self.max_message_bytes = max_message_bytes
+        # Per role: what that peer may legitimately send, plus a margin. A larger
+        # message (or one announced larger) is cut off by ZeroMQ before it is
+        # buffered, so no peer can make the broker hold more than this at once.
+        self.max_bytes = {
+            "client": max_message_bytes or defaults.MAX_INPUT_BYTES + defaults.MESSAGE_MARGIN_BYTES,
+            "worker": max_message_bytes or defaults.MAX_GLB_BYTES + defaults.MESSAGE_MARGIN_BYTES,
+            "sdf_push": max_message_bytes or defaults.MESSAGE_MARGIN_BYTES,
+            "sdf_pull": max_message_bytes or defaults.MAX_PACKAGE_BYTES + defaults.MESSAGE_MARGIN_BYTES,
+        }
         self.broker_id = uuid.uuid4().hex
         now = time.monotonic()
         host = endpoints.host if endpoints.host not in ("0.0.0.0", "*", "::") else "HOST"
@@ -87,12 +101,15 @@ class Broker:
             known_backends=known_backends,
             now=now,
             limits=limits,
+            client_liveness_s=client_liveness_s,
         )
         self._ctx = context or zmq.Context()
         self._own_context = context is None
         self._sockets: list[zmq.Socket] = []
         self._poller = zmq.Poller()
         self._sdf_frames: tuple[str, int, list[bytes]] | None = None  # an encoded push still waiting for room
+        self._undelivered_logged: dict[bytes, float] = {}  # client -> when it may be logged again
+        self.client_send_hwm = client_send_hwm
         self._tick_s = min(HOUSEKEEPING_MAX_S, heartbeat_interval_s / 4)
         self._next_housekeeping = now
 
@@ -113,13 +130,19 @@ class Broker:
             sock = self._ctx.socket(kind)
             self._sockets.append(sock)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+            sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes[name])
             if ":" in host:
                 sock.setsockopt(zmq.IPV6, 1)
             if kind == zmq.ROUTER:
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished peer raises instead of dropping silently
                 sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a peer reconnecting under its identity takes over
-                sock.setsockopt(zmq.SNDHWM, 0)  # results must not be dropped for a slow reader
+            if name == "client":
+                # A client that stops reading gets this many messages queued, then
+                # the rest are dropped (counted, logged): the broker's memory stays
+                # bounded. A live client that lost a result asks again by heartbeat.
+                sock.setsockopt(zmq.SNDHWM, self.client_send_hwm)
+            elif name == "worker":
+                sock.setsockopt(zmq.SNDHWM, 0)  # jobs to a worker are never dropped; one at a time each
             elif kind == zmq.PUSH:
                 sock.setsockopt(zmq.SNDHWM, 1)  # SDF jobs wait in our queue, not in socket buffers
                 sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -224,7 +247,7 @@ class Broker:
         d = self.dispatcher
         try:
             identity, rest = protocol.split_identity(frames)
-            command, msg = protocol.decode(rest, protocol.CLIENT_TO_BROKER, self.max_message_bytes)
+            command, msg = protocol.decode(rest, protocol.CLIENT_TO_BROKER, self.max_bytes["client"])
         except ProtocolError as exc:
             d.stats.dropped_messages += 1
             identity = bytes(frames[0]) if frames else b""
@@ -235,19 +258,24 @@ class Broker:
                 d.reject(identity, request_id, "", Stage.TRANSPORT, exc.code,
                          f"the broker could not read this request: {exc}")
             return
+        now = time.monotonic()
+        if command is Command.HEARTBEAT and msg.owner is not None:
+            d.client_seen(bytes(msg.owner), now)  # a client's pulse: liveness only, no answer
+            return
+        d.client_seen(identity, now)
         if command is Command.REQUEST:
-            d.request(identity, msg, time.monotonic())
+            d.request(identity, msg, now)
         elif command is Command.HEALTH:
             self.to_client(identity, HealthReply(self.stats()))
         elif command is Command.HEARTBEAT:
             self.to_client(identity, BrokerHeartbeat(self.broker_id, d.unknown(identity, msg.request_ids)))
         elif command is Command.CANCEL:
-            d.cancel(identity, msg.request_ids, time.monotonic())
+            d.cancel(identity, msg.request_ids, now)
 
     def _on_worker(self, frames: list) -> None:
         try:
             identity, rest = protocol.split_identity(frames)
-            command, msg = protocol.decode(rest, protocol.WORKER_TO_BROKER, self.max_message_bytes)
+            command, msg = protocol.decode(rest, protocol.WORKER_TO_BROKER, self.max_bytes["worker"])
         except ProtocolError as exc:
             self.dispatcher.stats.dropped_messages += 1
             identity = bytes(frames[0]) if frames else b""
@@ -260,7 +288,7 @@ class Broker:
 
     def _on_sdf(self, frames: list) -> None:
         try:
-            command, msg = protocol.decode(frames, protocol.SDF_TO_BROKER, self.max_message_bytes)
+            command, msg = protocol.decode(frames, protocol.SDF_TO_BROKER, self.max_bytes["sdf_pull"])
         except ProtocolError as exc:
             self.dispatcher.stats.dropped_messages += 1
             log.warning("dropped a message on the SDF result socket: %s", exc)
@@ -273,8 +301,18 @@ class Broker:
         try:
             _send(self._client, [identity, *protocol.encode(message)])
         except zmq.ZMQError as exc:
-            # The client left (EHOSTUNREACH); when it comes back its heartbeat asks again.
-            log.info("could not deliver %s to client %s: %s", type(message).__name__, identity.hex(), exc)
+            # The client left (EHOSTUNREACH) or stopped reading (EAGAIN at the high-water
+            # mark); when it comes back its heartbeat asks again. One log line per client
+            # per interval, not one per message.
+            self.dispatcher.stats.results_undelivered += 1
+            now = time.monotonic()
+            if now >= self._undelivered_logged.get(identity, 0.0):
+                self._undelivered_logged[identity] = now + UNDELIVERED_LOG_INTERVAL_S
+                log.info("could not deliver %s to client %s (%s); dropping what it cannot take for %.0f s "
+                         "(counted in health: results_undelivered)", type(message).__name__, identity.hex(), exc,
+                         UNDELIVERED_LOG_INTERVAL_S)
+                if len(self._undelivered_logged) > 1000:
+                    self._undelivered_logged = {k: v for k, v in self._undelivered_logged.items() if v > now}
 
     def to_worker(self, identity: bytes, message: Any) -> bool:
         try:

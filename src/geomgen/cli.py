@@ -186,10 +186,14 @@ def main() -> None:
               help="Jobs one client may have at the broker.")
 @click.option("--max-client-bytes", type=click.IntRange(min=1), default=defaults.MAX_CLIENT_BYTES,
               show_default=True, help="Input and GLB bytes one client may have at the broker.")
+@click.option("--client-liveness", type=click.FloatRange(min=0, min_open=True), default=defaults.CLIENT_LIVENESS_S,
+              show_default=True, help="Seconds a client holding jobs may be silent before its jobs are dropped.")
+@click.option("--client-send-hwm", type=click.IntRange(min=1), default=defaults.CLIENT_SEND_HWM, show_default=True,
+              help="Messages queued for a client that does not read before more are dropped.")
 @verbose_option
 def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, heartbeat_interval, liveness,
            max_retries, no_worker_timeout, sdf_lease, max_jobs, max_bytes, max_client_jobs, max_client_bytes,
-           verbose) -> None:
+           client_liveness, client_send_hwm, verbose) -> None:
     """Run the broker: the only process that binds (four ports from --port).
 
     Example: geomgen broker --host 0.0.0.0 --port 5555
@@ -204,7 +208,8 @@ def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, 
     sys.exit(broker_role.serve(endpoints, heartbeat_interval_s=heartbeat_interval, heartbeat_liveness=liveness,
                                max_retries=max_retries, no_worker_timeout_s=no_worker_timeout,
                                sdf_lease_s=sdf_lease,
-                               limits=Limits(max_jobs, max_bytes, max_client_jobs, max_client_bytes)))
+                               limits=Limits(max_jobs, max_bytes, max_client_jobs, max_client_bytes),
+                               client_liveness_s=client_liveness, client_send_hwm=client_send_hwm))
 
 
 @cli.command("gpu-worker")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +41,40 @@ from geomgen.protocol import Command, EventKind
 __all__ = ["GeometryClient", "GeometryEvent", "GeometryRequest", "GeometryResult", "FINAL"]
 
 log = logging.getLogger(__name__)
+
+
+class _Pulse:
+    """Heartbeats for a client's socket from a thread and a socket of its own,
+    while a generate() call is open: an application that holds the thread
+    between two results (placing a chair in its scene) is not taken for gone
+    by the broker, whose liveness window drops the jobs of silent clients."""
+
+    def __init__(self, context: zmq.Context, address: str, owner: bytes, interval_s: float) -> None:
+        self._context, self._address, self._interval_s = context, address, interval_s
+        self._frames = protocol.encode(protocol.ClientHeartbeat(owner=owner))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="geomgen-client-pulse", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval_s + 1.0)
+
+    def _run(self) -> None:
+        sock = self._context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 2)  # a heartbeat that cannot leave now is stale later
+        sock.connect(self._address)
+        try:
+            while not self._stop.wait(self._interval_s):
+                try:
+                    sock.send_multipart(self._frames, flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # the broker is away; the main socket notices its silence
+        finally:
+            sock.close(linger=0)
 
 
 @dataclass
@@ -89,6 +124,7 @@ class GeometryClient:
         self._auto_backend: str | GeomgenError | None = None  # backend=auto for images, per generate() call
         self._classes: dict[str, type | None] = {}  # backend -> its class here; reading the registry costs ms
         self._claimed: dict[tuple[Path, str], int] = {}  # (output folder, stem) -> index, per generate() call
+        self._pulses: set[_Pulse] = set()  # of generate() calls still open
         self._connect()
 
     # --- connection -------------------------------------------------------------
@@ -111,6 +147,9 @@ class GeometryClient:
 
     def close(self) -> None:
         """Close the socket; the client cannot be used afterwards."""
+        for pulse in list(self._pulses):  # a generate() left open: its pulse socket must close first
+            pulse.stop()
+        self._pulses.clear()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -201,6 +240,16 @@ class GeometryClient:
         retrying events).
         """
         requests = list(requests)
+        pulse = _Pulse(self._context, self.address, self.identity, self.heartbeat_interval_s)
+        self._pulses.add(pulse)
+        pulse.start()
+        try:
+            yield from self._events(requests, progress_events)
+        finally:
+            pulse.stop()
+            self._pulses.discard(pulse)
+
+    def _events(self, requests: list, progress_events: bool) -> Iterator[GeometryEvent]:
         call_id = uuid.uuid4().hex[:8]
         self._auto_backend = None
         self._classes = {}

@@ -43,7 +43,7 @@ DEFAULT_CONVERT_FN = "geomgen.geometry.convert:convert_mesh"
 RESULT_FILE = "result.msgpack"
 LOG_FILE = "child.log"  # the child's stdout and stderr: native code's last words before a crash
 OUT_DIR = "out"  # under the job dir; the package lands in out/<name>/
-PACKAGE_LIMIT_BYTES = defaults.MAX_MESSAGE_BYTES - 2**20  # leaves room for the rest of the result
+PACKAGE_LIMIT_BYTES = defaults.MAX_PACKAGE_BYTES  # the broker takes this plus a margin for the rest
 # CoACD or V-HACD may take this fraction of the time left to the deadline when
 # it starts; then the next rung is tried. With the default 600 s: CoACD gets
 # about 300 s, V-HACD about half of what is left after it, the hull the rest.

@@ -13,13 +13,18 @@ CLIENT_PORT = 5555  # broker ROUTER for clients
 WORKER_PORT = 5556  # broker ROUTER for GPU workers
 SDF_JOB_PORT = 5557  # broker PUSH -> SDF workers
 SDF_RESULT_PORT = 5558  # SDF workers PUSH -> broker PULL
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # ZMQ MAXMSGSIZE and msgpack limit, bytes
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # largest message a client or worker receives (ZMQ MAXMSGSIZE), bytes
+MESSAGE_MARGIN_BYTES = 1024 * 1024  # room for a message's other fields beside its payload, bytes
+MAX_GLB_BYTES = 256 * 1024 * 1024  # largest GLB (with debug files) a GPU worker may return, bytes
+MAX_PACKAGE_BYTES = 256 * 1024 * 1024  # largest SDF package an SDF worker may return, bytes
 
 # --- liveness ----------------------------------------------------------------
 HEARTBEAT_INTERVAL_S = 1.0  # how often every peer says it is alive
 HEARTBEAT_LIVENESS = 5  # missed intervals before a peer is declared dead
 POLL_INTERVAL_S = 0.25  # upper bound on a loop's sleep in poll()
 ACTIVITY_LOG_INTERVAL_S = 60.0  # the broker logs one line of what it did in each such period (jobs log at DEBUG)
+CLIENT_LIVENESS_S = 20.0  # a client holding jobs and silent this long is gone: its jobs are dropped
+CLIENT_SEND_HWM = 100  # messages queued towards one client that does not read, then dropped (ZMQ SNDHWM)
 RECONNECT_MIN_S = 0.5  # first reconnect back-off of a worker
 RECONNECT_MAX_S = 16.0  # back-off cap
 
@@ -41,7 +46,7 @@ BUSY_RETRY_MAX_S = 30.0  # longest retry-after a `busy` refusal suggests, second
 
 # --- inputs ------------------------------------------------------------------
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb guard, pixels (width x height)
-MAX_INPUT_BYTES = 256 * 1024 * 1024  # largest input file a client will send, bytes
+MAX_INPUT_BYTES = 64 * 1024 * 1024  # largest input file a client will send, bytes
 
 # --- conversion --------------------------------------------------------------
 DENSITY_KG_M3 = 500.0  # used when neither mass_kg, density_kg_m3 nor material is given

@@ -60,7 +60,8 @@ class Dispatcher:
 
     def __init__(self, out: Outbox, *, broker_id: str, address: str, heartbeat_interval_s: float,
                  heartbeat_liveness: int, max_retries: int, no_worker_timeout_s: float, sdf_lease_s: float,
-                 known_backends: Iterable[str], now: float, limits: Limits | None = None) -> None:
+                 known_backends: Iterable[str], now: float, limits: Limits | None = None,
+                 client_liveness_s: float = defaults.CLIENT_LIVENESS_S) -> None:
         self.out = out
         self.broker_id = broker_id
         self.address = address  # HOST:PORT clients and workers use, for error messages
@@ -81,6 +82,8 @@ class Dispatcher:
         self.sdf = SdfPool(sdf_lease_s)
         self.waits = WaitList()
         self.stats = BrokerStats(started_at=now)
+        self.client_liveness_s = client_liveness_s
+        self.clients_seen: dict[bytes, float] = {}  # last message from each client holding jobs
         self.admission = Admission(limits or Limits(defaults.MAX_HELD_JOBS, defaults.MAX_HELD_BYTES,
                                                     defaults.MAX_CLIENT_JOBS, defaults.MAX_CLIENT_BYTES))
         # Job ids: this broker's id and a counter, unique across broker restarts and
@@ -96,6 +99,10 @@ class Dispatcher:
 
     def available_backends(self) -> list[str]:
         return sorted(self.known_backends | self.registered)
+
+    def client_seen(self, identity: bytes, now: float) -> None:
+        """Any message from a client (or its pulse) proves it alive."""
+        self.clients_seen[identity] = now
 
     def request(self, identity: bytes, req: ClientRequest, now: float) -> None:
         """A client's REQUEST: validate, queue, and dispatch if a worker is idle."""
@@ -127,6 +134,7 @@ class Dispatcher:
         self.jobs[job.job_id] = job
         self.keys[(identity, req.request_id)] = job.job_id
         self.admission.charge(job.job_id, identity, size_bytes)
+        self.clients_seen[identity] = now
         self.stats.accepted += 1
         self._event(job, EventKind.QUEUED, detail=f"backend {req.backend}, scene {job.scene_key}")
         self._enqueue(job, now)
@@ -176,6 +184,36 @@ class Dispatcher:
             # A GPU worker running it stays busy until its result comes; that result is discarded.
             self._finish(job, now, error=error_dict(Stage.TRANSPORT, "cancelled", "cancelled by the client"))
 
+    def _expire_clients(self, now: float) -> None:
+        """Drop the jobs of clients silent past the liveness window: nobody would
+        read their results, so no GPU second is spent on them."""
+        for client in self.admission.clients():
+            silent_s = now - self.clients_seen.get(client, now)
+            if silent_s > self.client_liveness_s:
+                self._drop_client(client, now, silent_s)
+        for client in [c for c in self.clients_seen if not self.admission.client_jobs(c)]:
+            del self.clients_seen[client]
+
+    def _drop_client(self, client: bytes, now: float, silent_s: float) -> None:
+        job_ids = {job_id for (identity, _), job_id in self.keys.items() if identity == client}
+        queued = sum(queue.remove_all(job_ids) for queue in self.queues.values())
+        waiting = len(self.sdf.waiting)
+        self.sdf.waiting = type(self.sdf.waiting)(j for j in self.sdf.waiting if j not in job_ids)
+        queued += waiting - len(self.sdf.waiting)
+        message = f"the client was silent for {silent_s:.0f} s (liveness window {self.client_liveness_s:g} s)"
+        for job_id in job_ids:
+            job = self.jobs[job_id]
+            job.waiting_in = None  # out of its queue already
+            if job.state is JobState.CONVERTING:
+                self.sdf.forget(job_id)
+            # A running GPU job's result is discarded when it comes.
+            self._finish(job, now, error=error_dict(Stage.TRANSPORT, "client_gone", message), notify=False)
+        self.clients_seen.pop(client, None)
+        self.stats.clients_lost += 1
+        self.stats.jobs_dropped += len(job_ids)
+        log.warning("client %s gone: %s; dropped its %d jobs (%d queued, %d running or converting)",
+                    client.hex(), message, len(job_ids), queued, len(job_ids) - queued)
+
     def _event(self, job: JobRecord, kind: EventKind, *, attempt: int | None = None, detail: str = "",
                glb: bytes | None = None, timings: dict | None = None, worker: str = "") -> None:
         if not job.request.events and kind is not EventKind.GLB_READY:
@@ -188,8 +226,8 @@ class Dispatcher:
                                              timings or {}, worker))
 
     def _finish(self, job: JobRecord, now: float, *, error: dict | None = None, files: dict | None = None,
-                sdf_file: str | None = None, info: dict | None = None) -> None:
-        """Send the one FINAL of ``job`` and forget the job."""
+                sdf_file: str | None = None, info: dict | None = None, notify: bool = True) -> None:
+        """Send the one FINAL of ``job`` (unless nobody is there to read it) and forget the job."""
         self.jobs.pop(job.job_id, None)
         self.keys.pop((job.client, job.request.request_id), None)
         self.admission.release(job.job_id)
@@ -202,8 +240,9 @@ class Dispatcher:
             info["debug_files"] = job.debug_files
         timings = job.timings(now)
         attempts = job.attempt + max(0, job.sdf_attempt - 1)
-        self.out.to_client(job.client, Result(job.request.request_id, error is None, error, files or {}, sdf_file, info,
-                                              timings, job.request.backend, attempts))
+        if notify:
+            self.out.to_client(job.client, Result(job.request.request_id, error is None, error, files or {},
+                                                  sdf_file, info, timings, job.request.backend, attempts))
         self.stats.total.add(timings["total_s"])
         if error is None:
             self.stats.completed += 1
@@ -213,8 +252,8 @@ class Dispatcher:
         else:
             self.stats.failed += 1
             self.stats.cancelled += error.get("code") == "cancelled"
-            log.info("job %s request %s: failed (%s/%s): %s", job.job_id, job.request.request_id,
-                     error.get("stage"), error.get("code"), error.get("message"))
+            log.log(logging.INFO if notify else logging.DEBUG, "job %s request %s: failed (%s/%s): %s", job.job_id,
+                    job.request.request_id, error.get("stage"), error.get("code"), error.get("message"))
 
     # --- GPU queue and workers ---------------------------------------------------
 
@@ -531,6 +570,7 @@ class Dispatcher:
             self._lease_expired(job_id, attempt, now)
         for job_id, pool in self.waits.due(now, self._live_workers):
             self._no_worker(self.jobs[job_id], pool, now)
+        self._expire_clients(now)
         # Each worker on its own phase: a hundred heartbeats at once would hold up
         # the requests that arrive behind them.
         heartbeat = BrokerHeartbeat(self.broker_id)

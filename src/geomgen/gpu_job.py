@@ -15,7 +15,7 @@ from pathlib import Path
 
 import zmq
 
-from geomgen import protocol
+from geomgen import defaults, protocol
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
 from geomgen.contract import scoped_options
 from geomgen.errors import GeomgenError, Stage
@@ -109,11 +109,20 @@ def _success_frames(backend_name: str, job: protocol.Job, output: GenerationOutp
         info=dict(output.info or {}), debug_files=dict(output.debug_files or {}),
     )
     try:
-        return protocol.encode(result)
+        frames = protocol.encode(result)
     except (TypeError, ValueError) as exc:  # msgpack cannot carry something in info / debug_files
         return _failure_frames(job, protocol.error_dict(
             Stage.GENERATE, "generate_failed", f"backend {backend_name!r} returned info that cannot be sent ({exc})",
         ), seconds)
+    limit = defaults.MAX_GLB_BYTES + defaults.MESSAGE_MARGIN_BYTES
+    if len(frames[1]) > limit:
+        # The broker would cut the connection on a message this large: fail the job instead.
+        return _failure_frames(job, protocol.error_dict(
+            Stage.GENERATE, "too_large",
+            f"the GLB and debug files come to {len(frames[1]) / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB "
+            "a worker may send; lower the face count or texture size",
+        ), seconds)
+    return frames
 
 
 def _failure_frames(job: protocol.Job, error: dict, seconds: float) -> list[bytes]:

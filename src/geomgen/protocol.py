@@ -94,9 +94,14 @@ class HealthQuery:
 
 @dataclass
 class ClientHeartbeat:
-    """A waiting client's liveness probe, listing the ids it still waits for."""
+    """A waiting client's liveness probe, listing the ids it still waits for.
+
+    ``owner`` is set by a client's pulse socket, which beats for the client's
+    main socket (that identity) while the application holds the thread; the
+    broker answers only heartbeats without an owner."""
 
     request_ids: list = field(default_factory=list)
+    owner: bytes | None = None
 
 
 @dataclass

@@ -84,6 +84,22 @@ class RoundRobinQueue:
             self._rotation.remove(key)
         return True
 
+    def remove_all(self, items: set[str]) -> int:
+        """Take every one of ``items`` out of the queue in one pass (a client
+        that left); returns how many were there."""
+        removed = 0
+        for key in list(self._fifos):
+            fifo = self._fifos[key]
+            kept = deque(item for item in fifo if item not in items)
+            removed += len(fifo) - len(kept)
+            if kept:
+                self._fifos[key] = kept
+            else:
+                del self._fifos[key]
+                self._rotation.remove(key)
+        self._size -= removed
+        return removed
+
     def keys(self) -> list[str]:
         """Scene keys with work, in the order they will next be served."""
         return list(self._rotation)

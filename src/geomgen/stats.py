@@ -55,6 +55,9 @@ class BrokerStats:
     repushed: int = 0  # SDF jobs pushed again after a lease ran out
     dropped_messages: int = 0  # undecodable or unexpected peer messages
     stale_results: int = 0  # results of superseded attempts or cancelled jobs
+    clients_lost: int = 0  # clients silent past the liveness window while holding jobs
+    jobs_dropped: int = 0  # jobs of those clients, withdrawn unseen (queued) or discarded (running)
+    results_undelivered: int = 0  # messages to a client that left or stopped reading, dropped
     queue_wait: Running = field(default_factory=Running)
     generate: Running = field(default_factory=Running)
     convert: Running = field(default_factory=Running)
@@ -80,6 +83,9 @@ class BrokerStats:
             "sdf_repushed": self.repushed,
             "dropped_messages": self.dropped_messages,
             "stale_results": self.stale_results,
+            "clients_lost": self.clients_lost,
+            "jobs_dropped": self.jobs_dropped,
+            "results_undelivered": self.results_undelivered,
             "avg_queue_wait_s": round(self.queue_wait.mean_s, 6),
             "max_queue_wait_s": round(self.queue_wait.max_s, 6),
             "avg_generate_s": round(self.generate.mean_s, 6),
