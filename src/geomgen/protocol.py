@@ -85,6 +85,7 @@ class ClientRequest:
     debug: bool = False
     no_worker_timeout_s: float | None = None
     events: bool = True  # False: only the glb_ready PARTIAL (it carries the GLB) and the FINAL
+    deadline_s: float | None = None  # the whole request (queue, generate, convert) within this, from acceptance
 
 
 @dataclass
@@ -177,6 +178,7 @@ class Job:
     prompt: str | None = None
     backend_options: dict = field(default_factory=dict)  # this request's options, scoped to this backend
     debug: bool = False
+    deadline_s: float | None = None  # this attempt may run this long; past it the worker abandons it (FINAL timeout)
 
 
 @dataclass
@@ -203,6 +205,7 @@ class WorkerHeartbeat:
     worker_id: str
     job_id: str | None = None  # the job being run, if any
     attempt: int = 0
+    loading: bool = False  # its backend is (re)loading: no job until a heartbeat without it
 
 
 @dataclass
