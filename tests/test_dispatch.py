@@ -740,3 +740,115 @@ def test_activity_is_logged_once_per_period_not_per_job(caplog):
     housekeeping(2 * period_s + 2)  # the cancels were this period's work
     caplog.clear()
     assert housekeeping(3 * period_s + 3) == []  # an idle period says nothing
+
+
+# --- the request contract at the broker ------------------------------------------------------
+
+
+def test_options_accepted_before_any_declaration_are_checked_against_the_worker_before_it_sees_them():
+    """A plug-in known only where its workers run: the broker learns its
+    declaration at READY; a request accepted earlier with a misspelt option
+    fails at dispatch and the worker never gets it."""
+    d, out = dispatcher(known_backends=["plugin"])
+    request(d, "bad", now=0.0, backend="plugin", want_sdf=False, backend_options={"delay": 1})
+    request(d, "good", now=0.0, backend="plugin", want_sdf=False, backend_options={"plugin.delay_s": "2"})
+    spec = [{"name": "delay_s", "kind": "number", "low": 0.0, "high": 60.0}]
+    ready(d, W1, 1.0, backend="plugin", options=spec)
+    _, result = final(out, "bad")
+    assert result.error["code"] == "bad_option" and "delay" in result.error["message"]
+    job = out.take_one(W1, Job)  # only the good one reached the worker, its option parsed
+    assert job.input_name == "good.png" and job.backend_options == {"delay_s": 2.0}
+    # Once declared, a bad option is refused at submission.
+    request(d, "late", now=2.0, backend="plugin", backend_options={"delay_s": -1})
+    assert final(out, "late")[1].error["code"] == "bad_option"
+
+
+# --- deadlines ----------------------------------------------------------------------------------
+
+
+def test_a_request_past_its_deadline_fails_wherever_it_is():
+    d, out = dispatcher()
+    request(d, "queued", now=0.0, want_sdf=False, deadline_s=5.0)
+    d.housekeeping(5.5)
+    _, result = final(out, "queued")
+    assert (result.error["stage"], result.error["code"]) == ("transport", "timeout")
+    assert "deadline of 5 s passed while it was queued" in result.error["message"]
+    request(d, "running", now=6.0, want_sdf=False, deadline_s=5.0)
+    ready(d, W1, 7.0)
+    job = out.take_one(W1, Job)
+    assert job.deadline_s == pytest.approx(4.0)  # what is left of the request's deadline
+    heartbeat(d, W1, 10.0, running=job)
+    d.housekeeping(11.5)
+    assert final(out, "running")[1].error["code"] == "timeout"
+    reply(d, W1, job, 12.0)  # the worker's late answer is dropped; it is idle again
+    request(d, "next", now=12.0, want_sdf=False)
+    assert out.take_one(W1, Job).input_name == "next.png"
+
+
+def test_an_attempt_past_its_deadline_fails_and_its_worker_gets_no_work_until_idle():
+    d, out = dispatcher()
+    ready(d, W1, 0.0, generate_timeout_s=10.0)
+    request(d, "hung", now=0.0, want_sdf=False)
+    job = out.take_one(W1, Job)
+    assert job.deadline_s == 10.0
+    for t in (4.0, 8.0, 12.0):  # the worker keeps heartbeating while its job hangs
+        heartbeat(d, W1, t, running=job)
+        d.housekeeping(t)
+    assert no_final(out, "hung")  # its own deadline plus the liveness window have not passed
+    heartbeat(d, W1, 13.5, running=job)
+    d.housekeeping(13.5)
+    _, result = final(out, "hung")
+    assert (result.error["stage"], result.error["code"]) == ("generate", "timeout")
+    request(d, "next", now=14.0, want_sdf=False)
+    heartbeat(d, W1, 14.0, running=job)  # still stuck in the old job: no work
+    assert out.take(W1, Job) == []
+    heartbeat(d, W1, 15.0)  # it recycled its backend and is idle
+    assert out.take_one(W1, Job).input_name == "next.png"
+
+
+def test_a_worker_reloading_its_backend_gets_no_work_until_loaded():
+    d, out = dispatcher()
+    ready(d, W1, 0.0)
+    d.worker_message(W1, Command.HEARTBEAT, WorkerHeartbeat("w1", None, 0, loading=True), 0.5)
+    request(d, "r1", now=1.0, want_sdf=False)
+    assert out.take(W1, Job) == []
+    heartbeat(d, W1, 2.0)
+    assert out.take_one(W1, Job).input_name == "r1.png"
+
+
+# --- admission and client liveness ---------------------------------------------------------------
+
+
+def test_a_request_over_the_limits_is_refused_busy_with_a_retry_hint():
+    from geomgen.admission import Limits
+
+    d, out = dispatcher(limits=Limits(max_jobs=10, max_bytes=10**6, max_client_jobs=2, max_client_bytes=10**6))
+    for name in ("r1", "r2", "r3"):
+        request(d, name, now=0.0, want_sdf=False)
+    _, refused = final(out, "r3")
+    assert (refused.error["code"], refused.attempts) == ("busy", 0)
+    assert defaults.BUSY_RETRY_MIN_S <= refused.error["retry_after_s"] <= defaults.BUSY_RETRY_MAX_S
+    request(d, "other", now=0.0, client=b"other-client", want_sdf=False)  # another client still fits
+    assert no_final(out, "other", client=b"other-client")
+    ready(d, W1, 1.0)
+    reply(d, W1, out.take_one(W1, Job), 2.0)
+    request(d, "r3", now=2.0, want_sdf=False)  # sent again once a job finished: accepted
+    assert no_final(out, "r3")
+
+
+def test_a_silent_clients_jobs_are_dropped_and_nothing_is_sent_to_it():
+    d, out = dispatcher(client_liveness_s=5.0)
+    ready(d, W1, 0.0)
+    for i in range(4):
+        request(d, f"r{i}", now=0.0)
+    running = out.take_one(W1, Job)
+    request(d, "alive", now=0.0, client=b"alive-client", want_sdf=False)
+    for t in (2.0, 4.0, 6.0):
+        heartbeat(d, W1, t, running=running)
+        d.client_seen(b"alive-client", t)
+        d.housekeeping(t)
+    assert all(no_final(out, f"r{i}") for i in range(4))  # dropped without a word: nobody reads
+    assert d.stats.clients_lost == 1 and d.stats.jobs_dropped == 4
+    assert d.admission.client_jobs(CLIENT) == 0
+    reply(d, W1, running, 6.5)  # the running job's result is discarded; the next client's job runs
+    assert out.take_one(W1, Job).input_name == "alive.png"

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Protocol
 
 from geomgen import defaults
 from geomgen.admission import Admission, Limits
+from geomgen.deadlines import Deadlines
 from geomgen.errors import InputError, Stage
 from geomgen.backends import load_backend_class
 from geomgen.contract import check_backend_options
@@ -81,6 +82,8 @@ class Dispatcher:
         self.declared: dict[str, tuple | None] = {}
         self.sdf = SdfPool(sdf_lease_s)
         self.waits = WaitList()
+        self.request_deadlines = Deadlines()  # job id -> the request's overall deadline
+        self.attempt_deadlines = Deadlines()  # job id -> its GPU attempt's deadline plus the liveness window
         self.stats = BrokerStats(started_at=now)
         self.client_liveness_s = client_liveness_s
         self.clients_seen: dict[bytes, float] = {}  # last message from each client holding jobs
@@ -135,6 +138,8 @@ class Dispatcher:
         self.keys[(identity, req.request_id)] = job.job_id
         self.admission.charge(job.job_id, identity, size_bytes)
         self.clients_seen[identity] = now
+        if req.deadline_s is not None:
+            self.request_deadlines.arm(job.job_id, now + req.deadline_s)
         self.stats.accepted += 1
         self._event(job, EventKind.QUEUED, detail=f"backend {req.backend}, scene {job.scene_key}")
         self._enqueue(job, now)
@@ -173,16 +178,49 @@ class Dispatcher:
         """A client's CANCEL: each listed request it holds gets FINAL ``cancelled`` now."""
         for request_id in request_ids:
             job = self.jobs.get(self.keys.get((identity, request_id), "")) if isinstance(request_id, str) else None
-            if job is None:
-                continue
-            if job.waiting_in == SDF_POOL:
-                self.sdf.waiting.remove(job.job_id)
-            elif job.waiting_in is not None:
-                self.queues[job.waiting_in].remove(job.scene_key, job.job_id)
-            elif job.state is JobState.CONVERTING:
-                self.sdf.forget(job.job_id)
-            # A GPU worker running it stays busy until its result comes; that result is discarded.
-            self._finish(job, now, error=error_dict(Stage.TRANSPORT, "cancelled", "cancelled by the client"))
+            if job is not None:
+                self._withdraw(job)
+                self._finish(job, now, error=error_dict(Stage.TRANSPORT, "cancelled", "cancelled by the client"))
+
+    def _withdraw(self, job: JobRecord) -> None:
+        """Take a job out of whatever queue or lease holds it, before it is finished.
+        A GPU worker running it stays busy until its result comes; that result is discarded."""
+        if job.waiting_in == SDF_POOL:
+            self.sdf.waiting.remove(job.job_id)
+        elif job.waiting_in is not None:
+            self.queues[job.waiting_in].remove(job.scene_key, job.job_id)
+        elif job.state is JobState.CONVERTING:
+            self.sdf.forget(job.job_id)
+        job.waiting_in = None
+
+    def _request_expired(self, job_id: str, now: float) -> None:
+        job = self.jobs.get(job_id)
+        if job is None:
+            return
+        state = job.state.value
+        self._withdraw(job)
+        self._finish(job, now, error=error_dict(
+            Stage.TRANSPORT, "timeout",
+            f"the request's deadline of {job.request.deadline_s:g} s passed while it was {state}; "
+            "send it again with a longer deadline_s, or when the broker is less busy"))
+
+    def _attempt_overran(self, job_id: str, attempt: int, now: float) -> None:
+        """A GPU attempt outlived its deadline and the liveness window after it
+        without an answer: the worker did not abandon it as it should, so the
+        job fails and the worker gets no work until it reports idle."""
+        job = self.jobs.get(job_id)
+        if job is None or job.state is not JobState.GENERATING or job.attempt != attempt:
+            return
+        worker = self.workers.get(job.worker) if job.worker else None
+        name = worker.worker_id if worker else "?"
+        if worker is not None and worker.job_id == job_id:
+            self.workers.block(worker)
+        log.warning("job %s attempt %d: worker %s did not answer by its deadline; the job fails and the worker "
+                    "gets no work until it reports idle", job_id, attempt, name)
+        self._finish(job, now, error=error_dict(
+            Stage.GENERATE, "timeout",
+            f"the {job.request.backend} worker {name} did not finish or abandon this job within its deadline "
+            f"(+{self.dead_after_s:g} s); it gets no more work until it reports idle"))
 
     def _expire_clients(self, now: float) -> None:
         """Drop the jobs of clients silent past the liveness window: nobody would
@@ -231,6 +269,8 @@ class Dispatcher:
         self.jobs.pop(job.job_id, None)
         self.keys.pop((job.client, job.request.request_id), None)
         self.admission.release(job.job_id)
+        self.request_deadlines.disarm(job.job_id)
+        self.attempt_deadlines.disarm(job.job_id)
         self.waits.cancel(job.job_id)
         job.state, job.waiting_in = (JobState.FAILED if error else JobState.DONE), None
         info = dict(info or {})
@@ -258,6 +298,7 @@ class Dispatcher:
     # --- GPU queue and workers ---------------------------------------------------
 
     def _enqueue(self, job: JobRecord, now: float, front: bool = False) -> None:
+        self.attempt_deadlines.disarm(job.job_id)
         job.state, job.worker, job.waiting_in = JobState.QUEUED, None, job.request.backend
         queue = self.queues.get(job.request.backend)
         if queue is None:
@@ -276,6 +317,11 @@ class Dispatcher:
 
     def _start(self, job: JobRecord, worker: GpuWorkerRecord, now: float) -> None:
         self.waits.cancel(job.job_id)
+        due = self.request_deadlines.at(job.job_id)
+        if due is not None and due <= now:
+            self.workers.release(worker)
+            self._request_expired(job.job_id, now)
+            return
         if not job.terms.options_checked and worker.option_specs is not None:
             # Accepted before any declaration was known: checked against this
             # worker's before it spends a second on the job.
@@ -294,8 +340,11 @@ class Dispatcher:
             self.stats.queue_wait.add(now - job.accepted_at)
         self.workers.assign(worker, job.job_id, job.attempt, now)
         req = job.request
+        deadline_s = self._attempt_deadline_s(job, worker, now)
         message = Job(job.job_id, job.attempt, req.backend, req.input_name, req.input_data, req.prompt,
-                      job.terms.backend_options, req.debug)
+                      job.terms.backend_options, req.debug, deadline_s)
+        if deadline_s is not None:
+            self.attempt_deadlines.arm(job.job_id, now + deadline_s + self.dead_after_s, job.attempt)
         worker.heartbeat_due = now + self.heartbeat_interval_s  # the job tells it the broker is alive
         if not self.out.to_worker(worker.identity, message):
             # The worker's connection is gone and it never saw the job: not a counted attempt.
@@ -305,6 +354,18 @@ class Dispatcher:
             self._enqueue(job, now, front=True)
             return
         self._event(job, EventKind.GENERATING, detail=f"on worker {worker.worker_id}", worker=worker.worker_id)
+
+    def _attempt_deadline_s(self, job: JobRecord, worker: GpuWorkerRecord, now: float) -> float | None:
+        """How long this attempt may run: the worker's generate timeout, or what is
+        left of the request's deadline if that is sooner (None: no limit known)."""
+        limits = []
+        declared = worker.info.get("generate_timeout_s")
+        if isinstance(declared, (int, float)) and not isinstance(declared, bool) and declared > 0:
+            limits.append(float(declared))
+        due = self.request_deadlines.at(job.job_id)
+        if due is not None:
+            limits.append(max(0.0, due - now))
+        return min(limits) if limits else None
 
     def worker_message(self, identity: bytes, command: Command, msg: Any, now: float) -> None:
         """A decoded message from a GPU worker."""
@@ -320,7 +381,10 @@ class Dispatcher:
             return
         worker.last_seen = now
         if command is Command.HEARTBEAT:
-            if worker.blocked and msg.job_id is None:
+            if msg.loading:
+                if worker.job_id is None and not worker.blocked:
+                    self.workers.block(worker)  # its backend is reloading: no work until it says otherwise
+            elif worker.blocked and msg.job_id is None:
                 self.workers.unblock(worker)
                 self._dispatch(worker.backend, now)
             elif worker.job_id is None and msg.job_id is not None:
@@ -571,6 +635,10 @@ class Dispatcher:
         for job_id, pool in self.waits.due(now, self._live_workers):
             self._no_worker(self.jobs[job_id], pool, now)
         self._expire_clients(now)
+        for job_id, attempt in self.attempt_deadlines.due(now):
+            self._attempt_overran(job_id, attempt, now)
+        for job_id, _ in self.request_deadlines.due(now):
+            self._request_expired(job_id, now)
         # Each worker on its own phase: a hundred heartbeats at once would hold up
         # the requests that arrive behind them.
         heartbeat = BrokerHeartbeat(self.broker_id)

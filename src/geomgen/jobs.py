@@ -89,6 +89,7 @@ def validate_request(req: ClientRequest, is_known: Callable[[str], bool],
     if not req.input_data:
         raise InputError(f"input {req.input_name!r} is empty; send the file's bytes", code="bad_request")
     contract.check_seconds("no_worker_timeout_s", req.no_worker_timeout_s)
+    contract.check_seconds("deadline_s", req.deadline_s, allow_zero=False)
     contract.check_text("prompt", req.prompt)
     convert = contract.convert_options(req.convert).to_dict() if req.want_sdf else {}
     if not is_known(req.backend):
