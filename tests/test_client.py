@@ -181,6 +181,31 @@ def test_silent_broker_fails_outstanding_items_within_the_timeout(fake_broker, i
     assert broker.messages(protocol.ClientHeartbeat), "the waiting client heartbeats"
 
 
+def test_an_items_deadline_fails_it_even_while_the_broker_keeps_answering(fake_broker, inputs, tmp_path):
+    def answer_heartbeats_only(command, message):
+        if command == Command.HEARTBEAT and message.owner is None:
+            return [protocol.BrokerHeartbeat("fake-broker", [])]  # alive, and holds everything
+        return None
+
+    broker = fake_broker(handler=answer_heartbeats_only)
+    requests = [GeometryRequest(image_path=inputs["box.glb"], output_dir=tmp_path, output_filename="slow",
+                                deadline_s=0.5),
+                GeometryRequest(image_path=inputs["box.glb"], output_dir=tmp_path, output_filename="patient")]
+    start = time.monotonic()
+    with GeometryClient(broker.address, timeout_s=3.0, heartbeat_interval_s=0.1) as client:
+        events = client.generate(requests)
+        index, result = next(events)
+        elapsed_s = time.monotonic() - start
+        events.close()
+    assert index == 0 and (result.stage, result.error_code) == ("transport", "timeout")
+    assert "deadline of 0.5 s" in result.error and elapsed_s < 2.0  # not the 3 s silence timeout
+    sent = broker.messages(protocol.ClientRequest)
+    assert [m.deadline_s for m in sent] == [0.5, None]  # the broker enforces it too
+    assert wait_for(lambda: any(sent[0].request_id in m.request_ids for m in broker.messages(protocol.Cancel)),
+                    timeout_s=5, what="the late item cancelled at the broker")
+    assert any(m.owner == client.identity for m in broker.messages(protocol.ClientHeartbeat)), "the pulse beats"
+
+
 def test_health_against_a_silent_broker_raises(fake_broker):
     broker = fake_broker(handler=None)
     with GeometryClient(broker.address) as client:

@@ -60,6 +60,7 @@ class GeometryRequest:
     convert_options: dict = field(default_factory=dict)
     want_sdf: bool = True
     no_worker_timeout_s: float | None = None  # broker's wait for a live worker; None: the broker's default
+    deadline_s: float | None = None  # the whole item (queue, generate, convert) within this many seconds, else timeout
 
     def convert_dict(self) -> dict[str, Any]:
         """The checked conversion options of this request as a wire dict; raises InputError."""
@@ -240,6 +241,7 @@ def check_request(index: int, request: Any) -> CheckedRequest:
     if not isinstance(request.want_sdf, bool):
         raise InputError("want_sdf must be true or false", code="bad_request")
     contract.check_seconds("no_worker_timeout_s", request.no_worker_timeout_s)
+    contract.check_seconds("deadline_s", request.deadline_s, allow_zero=False)
     convert = request.convert_dict() if request.want_sdf else {}
     path = Path(request.image_path).expanduser()
     stem = contract.output_stem(request.output_filename, path.name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
 import threading
 import time
@@ -90,6 +91,7 @@ class _Item:
     glb_path: Path | None = None
     resend_at: float = 0.0  # when an item the broker refused as busy is sent again
     refusals: int = 0
+    deadline_at: float = math.inf  # the request's deadline, plus a grace for the broker's own answer
 
 
 class GeometryClient:
@@ -278,9 +280,12 @@ class GeometryClient:
                     if not outstanding:
                         last_heard = time.monotonic()  # the silence clock runs only while waiting
                     item.sent_at = time.monotonic()
+                    if requests[index].deadline_s is not None:
+                        item.deadline_at = item.sent_at + requests[index].deadline_s + 2 * self.heartbeat_interval_s
                     outstanding[item.request_id] = item
                 if not outstanding and not deferred:
                     continue
+                yield from self._expire_deadlines(outstanding, deferred, finished)
                 now = time.monotonic()
                 if not outstanding:  # only refused items, waiting for their retry-after
                     received = self._receive(min(i.resend_at for i in deferred.values()) - now)
@@ -301,7 +306,8 @@ class GeometryClient:
                     next_index = len(requests)
                     self._reconnect()
                     break
-                wake = min([next_beat, last_heard + self.timeout_s, *(i.resend_at for i in deferred.values())])
+                wake = min([next_beat, last_heard + self.timeout_s, *(i.resend_at for i in deferred.values()),
+                            *(i.deadline_at for i in outstanding.values())])
                 received = self._receive(wake - now)
                 if received is None:
                     continue
@@ -310,6 +316,26 @@ class GeometryClient:
         finally:
             if outstanding and self._socket is not None:
                 self._send(protocol.Cancel(request_ids=list(outstanding)))
+
+    def _expire_deadlines(self, outstanding: dict[str, _Item], deferred: dict[str, _Item],
+                          finished: set[str]) -> Iterator[GeometryEvent]:
+        """Fail the items past their deadline here, even while the broker keeps
+        answering (it fails them too; this is the client's own guard), and
+        cancel them at the broker."""
+        now = time.monotonic()
+        late = [item for item in [*outstanding.values(), *deferred.values()] if item.deadline_at <= now]
+        if not late:
+            return
+        # Cancel first: the caller may stop iterating at the first failure yielded.
+        self._send(protocol.Cancel(request_ids=[item.request_id for item in late]))
+        for item in late:
+            outstanding.pop(item.request_id, None)
+            deferred.pop(item.request_id, None)
+            finished.add(item.request_id)
+        for item in late:
+            error = TransportError(f"the request's deadline of {item.request.deadline_s:g} s passed before the "
+                                   "broker sent its result", code="timeout")
+            yield final_event(failure(item.index, item.request, error))
 
     def _resend_deferred(self, deferred: dict[str, _Item], outstanding: dict[str, _Item]) -> None:
         """Send again the refused items whose retry-after has passed."""
@@ -420,6 +446,7 @@ class GeometryClient:
             output_name=checked.stem, prompt=request.prompt, scene_id=request.scene_id,
             backend_options=checked.backend_options, convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
             no_worker_timeout_s=None if timeout_s is None else float(timeout_s), events=progress_events,
+            deadline_s=None if request.deadline_s is None else float(request.deadline_s),
         )
         self._claimed[target] = index
         return _Item(index, request, request_id, checked.output_dir, checked.stem, backend,
