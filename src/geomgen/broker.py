@@ -8,6 +8,7 @@ docs/architecture.md explains the design, docs/protocol.md the messages.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -30,6 +31,9 @@ log = logging.getLogger("geomgen.broker")
 
 DRAIN_BATCH = 256  # messages read from one socket per loop turn, so no socket starves the others
 HOUSEKEEPING_MAX_S = 0.05  # housekeeping runs at least this often (and 4 times per heartbeat interval)
+TRIM_INTERVAL_S = 10.0  # how often the broker looks whether a drained flood left memory to return
+TRIM_AFTER_JOBS = 1000  # ... it returns it when the jobs held fell by this many since the last look
+TRIM_AFTER_BYTES = 32 * 1024 * 1024  # ... or the bytes held by this many
 UNDELIVERED_LOG_INTERVAL_S = 10.0  # at most one "could not deliver" line per client per this period
 CLIENT_YIELD_BATCH = 32  # requests read between two worker / SDF messages: new work goes first, but a
 # flood of requests holds each result back for at most this many
@@ -109,6 +113,8 @@ class Broker:
         self._poller = zmq.Poller()
         self._sdf_frames: tuple[str, int, list[bytes]] | None = None  # an encoded push still waiting for room
         self._undelivered_logged: dict[bytes, float] = {}  # client -> when it may be logged again
+        self._next_trim = now + TRIM_INTERVAL_S
+        self._held_at_trim = (0, 0)  # (jobs, bytes) held at the last look
         self.client_send_hwm = client_send_hwm
         self._tick_s = min(HOUSEKEEPING_MAX_S, heartbeat_interval_s / 4)
         self._next_housekeeping = now
@@ -206,6 +212,22 @@ class Broker:
                 self.dispatcher.housekeeping(now)
             except Exception:  # a bug in one expiry must not stop the broker; the next turn retries
                 log.exception("error during housekeeping")
+            if now >= self._next_trim:
+                self._next_trim = now + TRIM_INTERVAL_S
+                self._return_memory()
+
+    def _return_memory(self) -> None:
+        """After a flood has drained, hand the freed heap back to the system:
+        glibc keeps freed memory for reuse, so without this the broker would
+        stay at its peak size for good."""
+        usage = self.dispatcher.admission.total
+        jobs_before, bytes_before = self._held_at_trim
+        self._held_at_trim = (usage.jobs, usage.bytes)
+        if jobs_before - usage.jobs < TRIM_AFTER_JOBS and bytes_before - usage.bytes < TRIM_AFTER_BYTES:
+            return
+        started = time.monotonic()
+        if release_free_heap():
+            log.debug("returned free heap memory to the system in %.1f ms", (time.monotonic() - started) * 1e3)
 
     def _drain(self, sock: zmq.Socket, handler, copy: bool, yield_to_clients: bool = False,
                limit: int = DRAIN_BATCH) -> None:
@@ -335,6 +357,16 @@ class Broker:
             return False
         self._sdf_frames = None
         return True
+
+
+def release_free_heap() -> bool:
+    """glibc's malloc_trim(0): return free heap pages to the system. False where
+    there is no glibc (the call is then a no-op)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def _send(sock: zmq.Socket, frames: list) -> None:
