@@ -17,7 +17,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from geomgen import convert_child
+from geomgen import conversion, convert_child
 from geomgen.errors import ConvertError, InputError
 from geomgen.geometry import materials
 from geomgen.geometry.convert import ConversionReport, convert_file, convert_mesh
@@ -287,13 +287,13 @@ def test_reconverting_replaces_the_package(tmp_path):
 
 def convert_isolated(tmp_path: Path, name: str, timeout_s: float, options: ConvertOptions) -> tuple[dict, Path]:
     """A box converted the way the SDF worker converts: in a child process
-    driven by convert_child.Conversion, with tests.plugins:selectable_convert
+    driven by conversion.Conversion, with tests.plugins:selectable_convert
     (whose output name picks a failing decomposition). Returns the outcome and
     the package folder."""
     job_dir = tmp_path / "job"
     job_dir.mkdir()
     task = convert_child.glb_task(box_glb(), "b.glb", name, "tests.plugins:selectable_convert")
-    outcome = convert_child.drive(convert_child.Conversion(job_dir, task, options, timeout_s))
+    outcome = conversion.drive(conversion.Conversion(job_dir, task, options, timeout_s))
     return outcome, job_dir / convert_child.OUT_DIR / name
 
 

@@ -1,6 +1,6 @@
 """Convex decomposition: parameters, each method on a concave solid, the
 fallback ladder in one process, and the parent's decisions across conversion
-children (convert_child.next_step: crash, rung overrun, deadline)."""
+children (conversion.next_step: crash, rung overrun, deadline)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import trimesh
 
 from geomgen.contract import COACD_PARAMS
-from geomgen.convert_child import RUNG_SHARE, Action, next_step
+from geomgen.conversion import RUNG_SHARE, Action, next_step
 from geomgen.errors import ConvertError, InputError
 from geomgen.geometry import decomposition
 from geomgen.geometry.decomposition import Resume

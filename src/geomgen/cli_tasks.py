@@ -303,7 +303,7 @@ def convert(meshes, out_dir, up_axis, timeout_s, as_json, **convert_params) -> N
     import time
 
     from geomgen.contract import convert_options as checked_convert_options
-    from geomgen.convert_child import convert_path
+    from geomgen.conversion import convert_path
 
     try:
         options = checked_convert_options({**convert_fields(convert_params), "up_axis": up_axis})

@@ -1,7 +1,7 @@
 """The SDF worker process: pulls GLBs from the broker and pushes back Drake SDF packages.
 
 It holds at most ``procs`` jobs, announces its free slots on every change, and
-runs each conversion in its own child process (geomgen.convert_child, which
+runs each conversion in its own child process (geomgen.conversion, which
 also drives the fallback ladder across children), so a crash, a hang or a leak
 in native code fails one job and never the worker.
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import zmq
 
 from geomgen import contract, convert_child, defaults, protocol
+from geomgen.conversion import KILL_WAIT_S, Conversion, package_files
 from geomgen.endpoints import Endpoints
 from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
@@ -41,7 +42,7 @@ class _Held:
     job_id: str
     attempt: int
     name: str
-    conversion: convert_child.Conversion
+    conversion: Conversion
 
 
 class SdfWorker:
@@ -108,7 +109,7 @@ class SdfWorker:
         probe.join(timeout_s)
         if probe.exitcode is None:
             probe.kill()
-            probe.join(convert_child.KILL_WAIT_S)
+            probe.join(KILL_WAIT_S)
             raise InputError(f"a conversion process did not start within {timeout_s:g} s", code="start_failed",
                              stage=Stage.CONVERT)
         if probe.exitcode == convert_child.CHECK_FAILED_EXIT:
@@ -259,8 +260,8 @@ class SdfWorker:
         job_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-sdf-{job.job_id[:16]}-"))
         task = convert_child.glb_task(job.glb, f"{job.name}.glb", job.name, self.convert_fn)
         try:
-            conversion = convert_child.Conversion(job_dir, task, options, self.convert_timeout_s, context=self._mp,
-                                                  label=f"job {job.job_id}", timeout_hint=TIMEOUT_HINT)
+            conversion = Conversion(job_dir, task, options, self.convert_timeout_s, context=self._mp,
+                                    label=f"job {job.job_id}", timeout_hint=TIMEOUT_HINT)
         except GeomgenError as exc:  # fork/forkserver failures end this job only
             shutil.rmtree(job_dir, ignore_errors=True)
             self._reply(job, error=exc.to_dict())
@@ -284,7 +285,7 @@ class SdfWorker:
             del self._running[key]
             conversion = held.conversion
             try:
-                reply = outcome if "error" in outcome else convert_child.package_files(conversion.job_dir, outcome)
+                reply = outcome if "error" in outcome else package_files(conversion.job_dir, outcome)
             finally:
                 conversion.close()
                 shutil.rmtree(conversion.job_dir, ignore_errors=True)
