@@ -214,11 +214,11 @@ class FakeSdf(PeerThread):
                                          heartbeat_interval_s=HEARTBEAT_INTERVAL_S), command)
 
     def run(self):
-        pull = self.ctx.socket(zmq.PULL)
+        pull = self.ctx.socket(zmq.DEALER)  # jobs, addressed to this worker by its id
         push = self.ctx.socket(zmq.PUSH)
         for sock in (pull, push):
             sock.setsockopt(zmq.LINGER, 0)
-        pull.setsockopt(zmq.RCVHWM, 1)
+        pull.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         pull.connect(self.endpoints.sdf_job)
         push.connect(self.endpoints.sdf_result)
         push.send_multipart(self.status(Command.READY))
@@ -259,13 +259,15 @@ class RecordingOutbox:
     """The Dispatcher's Outbox, recording instead of sending.
 
     ``sent`` holds (to, message) in order: to is a client or worker identity,
-    or "sdf" for the SDF pool. A worker identity in ``unreachable`` has lost
-    its connection (to_worker returns False); with ``sdf_room`` False no SDF
-    worker pipe has room (to_sdf returns False).
+    or "sdf" for the SDF pool (``sdf_to`` lists the SDF worker each went to).
+    A worker identity in ``unreachable`` has lost its connection (to_worker
+    returns False); with ``sdf_room`` False no SDF worker can be reached
+    (to_sdf returns False).
     """
 
     def __init__(self) -> None:
         self.sent: list[tuple[Any, Any]] = []
+        self.sdf_to: list[str] = []
         self.unreachable: set[bytes] = set()
         self.sdf_room = True
 
@@ -278,10 +280,11 @@ class RecordingOutbox:
         self.sent.append((identity, message))
         return True
 
-    def to_sdf(self, job: protocol.SdfJob) -> bool:
+    def to_sdf(self, worker_id: str, job: protocol.SdfJob) -> bool:
         if not self.sdf_room:
             return False
         self.sent.append(("sdf", job))
+        self.sdf_to.append(worker_id)
         return True
 
     def take(self, to: Any, cls: type = object) -> list:

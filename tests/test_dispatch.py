@@ -561,6 +561,32 @@ def test_a_silent_sdf_workers_job_goes_to_another():
     assert result.ok and result.attempts == 2
 
 
+def test_a_frozen_sdf_worker_gets_no_new_job_before_its_leases_run_out():
+    """s1 (2 slots, one job held) freezes: no status from 0.5 s on. The next GLB
+    goes to s2 at once, not into the frozen worker's socket, though s1's last
+    status still shows a free slot and its lease has a minute to go; once s1 is
+    declared lost, what it held goes to s2 too."""
+    d, out = dispatcher(sdf_lease_s=60.0)
+    sdf_status(d, "s1", 0.0, slots=2, command=Command.READY)
+    glb_ready(d, out, "r1", 0.0)
+    first = out.take_one("sdf", SdfJob)
+    sdf_status(d, "s1", 0.5, slots=2, held=[[first.job_id, 1]])
+    sdf_status(d, "s2", 0.5, slots=1, command=Command.READY)
+    for t in (1.5, 2.0, 2.5):
+        sdf_status(d, "s2", t, slots=1)
+        d.housekeeping(t)
+    glb_ready(d, out, "r2", 2.6)  # s1 quiet for 2.1 intervals: bypassed
+    second = out.take_one("sdf", SdfJob)
+    assert out.sdf_to[-1] == "s2"
+    sdf_status(d, "s2", 3.0, slots=1, held=[[second.job_id, 1]])
+    sdf_reply(d, "s2", second, 3.2)
+    sdf_status(d, "s2", 3.2, slots=1)
+    d.housekeeping(DEAD_AFTER_S + 0.6)  # s1 lost: what it held goes to s2 now, not after 60 s
+    resent = out.take_one("sdf", SdfJob)
+    assert (resent.job_id, resent.attempt, out.sdf_to[-1]) == (first.job_id, 2, "s2")
+    assert out.sdf_to == ["s1", "s2", "s2"]
+
+
 def test_an_sdf_worker_that_disconnects_hands_its_jobs_back():
     d, out = dispatcher(sdf_lease_s=60.0)
     sdf_status(d, "s1", 0.0, command=Command.READY)

@@ -13,7 +13,7 @@ import threading
 
 import zmq
 
-from geomgen import GeometryClient, GeometryRequest, protocol
+from geomgen import GeometryClient, GeometryRequest, defaults, protocol
 from tests.conftest import REPO, wait_for
 from tests.plugins import box_glb
 
@@ -113,3 +113,30 @@ def test_results_for_a_client_that_stops_reading_are_bounded(procs, endpoints, z
     assert stats["results_undelivered"] > 0
     assert stats["admission"]["held_jobs"] == 0 and stats["clients_lost"] == 0
     sock.close(0)
+
+
+def test_a_frozen_sdf_worker_is_bypassed(procs, endpoints, tmp_path):
+    """Two SDF workers, one frozen with SIGSTOP (alive on TCP, silent): the
+    conversions go to the other one, none waits out a lease."""
+    _stack(procs, endpoints, "instant")
+    broker_arg = f"127.0.0.1:{endpoints.client_port}"
+    frozen = procs.start("sdf-worker", "--broker", broker_arg, "--worker-id", "frozen", env=ENV)
+    procs.start("sdf-worker", "--broker", broker_arg, "--worker-id", "healthy", env=ENV)
+    mesh = tmp_path / "box.glb"
+    mesh.write_bytes(box_glb())
+    requests = [GeometryRequest(image_path=mesh, output_dir=tmp_path / "out", output_filename=f"box_{i}",
+                                backend="instant", collision="hull") for i in range(6)]
+    with GeometryClient(endpoints.client, timeout_s=60) as client:
+        wait_for(lambda: client.health()["sdf_slots"] >= 2, timeout_s=60, what="two SDF workers")
+        frozen.send_signal(signal.SIGSTOP)
+        try:
+            # Frozen and quiet for two heartbeat intervals: it gets no new job from now on.
+            wait_for(lambda: any(w["worker_id"] == "frozen" and w["last_seen_s"] > 2.2
+                                 for w in client.health()["sdf_workers"]), timeout_s=30, what="the worker quiet")
+            results = dict(client.generate(requests))
+            stats = client.health()
+        finally:
+            frozen.send_signal(signal.SIGCONT)
+    assert all(r.ok for r in results.values()), [(r.error_code, r.error) for r in results.values() if not r.ok]
+    assert stats["sdf_repushed"] == 0  # nothing sat in the frozen worker's socket until a lease ran out
+    assert all(r.timings["total_s"] < defaults.SDF_LEASE_S for r in results.values())

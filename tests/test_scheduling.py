@@ -10,7 +10,7 @@ from geomgen.errors import InputError, Stage
 from geomgen.backends.mesh import MeshBackend
 from geomgen.jobs import AcceptedTerms, JobRecord, peek_request_id, peer_error, validate_request
 from geomgen.protocol import ClientRequest, encode
-from geomgen.scheduling import GpuWorkerRecord, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
+from geomgen.scheduling import GpuWorkerRecord, RoundRobinQueue, WaitList, WorkerRegistry
 
 
 def drain(queue: RoundRobinQueue) -> list[str]:
@@ -139,62 +139,6 @@ def test_registry_reports_silent_workers():
     reg.add(GpuWorkerRecord(b"c", "c", "mesh", last_seen=0.0, heartbeat_interval_s=1.0))
     assert [w.worker_id for w in reg.silent(now=1.2, liveness=5, interval_s=0.1)] == ["a"]
     assert sorted(w.worker_id for w in reg.silent(now=5.2, liveness=5, interval_s=0.1)) == ["a", "b", "c"]
-
-
-# --- SdfPool -------------------------------------------------------------------------
-
-
-def test_sdf_credit_counts_free_slots_minus_unseen_pushes():
-    pool = SdfPool(lease_s=10.0)
-    assert pool.credit() == 0
-    pool.status("s1", slots=2, free=2, held=[], now=0.0)
-    assert pool.credit() == 2
-    pool.pushed("j1", 1, now=0.0)
-    pool.pushed("j2", 1, now=0.0)
-    assert pool.credit() == 0
-    pool.status("s1", slots=2, free=1, held=[["j1", 1]], now=0.1)  # took j1; j2 still in a pipe
-    assert pool.credit() == 0
-    pool.status("s1", slots=2, free=0, held=[["j1", 1], ["j2", 1]], now=0.2)
-    assert pool.credit() == 0
-    assert pool.finished("j1", 1) is True
-    pool.status("s1", slots=2, free=1, held=[["j2", 1]], now=0.3)
-    assert pool.credit() == 1
-
-
-def test_sdf_status_tolerates_nonsense():
-    pool = SdfPool(lease_s=10.0)
-    pool.status("s1", slots=-3, free=99, held=["x", [1, 2], ["j", "1"], None], now=0.0)
-    assert pool.credit() == 0 and pool.workers["s1"].held == []
-    pool.status("s1", slots=2, free=99, held=[], now=0.0)
-    assert pool.credit() == 2  # free is capped at slots
-
-
-def test_sdf_lease_renews_while_held_and_expires_when_not():
-    pool = SdfPool(lease_s=1.0)
-    pool.status("s1", slots=1, free=1, held=[], now=0.0)
-    pool.pushed("j", 1, now=0.0)
-    pool.status("s1", slots=1, free=0, held=[["j", 1]], now=0.8)
-    assert pool.expired(1.5) == []  # renewed to 1.8
-    assert pool.expired(1.8) == [("j", 1)]
-    assert pool.finished("j", 1) is False  # a late result of an expired attempt is not current
-
-
-def test_sdf_stale_attempt_does_not_renew_and_removal_expires_held_jobs():
-    pool = SdfPool(lease_s=5.0)
-    pool.status("s1", slots=2, free=2, held=[], now=0.0)
-    pool.pushed("j", 1, now=0.0)
-    pool.pushed("k", 1, now=0.0)
-    pool.status("s1", slots=2, free=0, held=[["j", 1], ["k", 1]], now=0.1)
-    assert pool.free == 0 and pool.slots == 2
-    assert pool.remove("s1", now=1.0) is not None
-    assert pool.free == 0 and pool.slots == 0
-    assert sorted(pool.expired(1.0)) == [("j", 1), ("k", 1)]
-    pool.status("s2", slots=1, free=1, held=[], now=1.0)
-    pool.pushed("j", 2, now=1.0)
-    pool.status("s2", slots=1, free=0, held=[["j", 1]], now=5.0)  # an old copy does not renew attempt 2
-    assert pool.expired(6.0) == [("j", 2)]
-    assert pool.silent(now=100.0, liveness=5, interval_s=0.2) == ["s2"]
-    assert pool.silent(now=5.5, liveness=5, interval_s=0.2) == []
 
 
 # --- request checks -----------------------------------------------------------------

@@ -43,13 +43,16 @@ def alive(pid: int) -> bool:
 
 
 class FakeBroker:
-    """The broker's SDF side: a PUSH for jobs and a PULL for results and status."""
+    """The broker's SDF side: a ROUTER for jobs (addressed to the worker by the
+    id its statuses carry) and a PULL for results and status."""
 
     def __init__(self, ctx: zmq.Context, endpoints: Endpoints):
-        self.jobs = ctx.socket(zmq.PUSH)
+        self.jobs = ctx.socket(zmq.ROUTER)
         self.jobs.setsockopt(zmq.LINGER, 0)
-        self.jobs.setsockopt(zmq.SNDHWM, 100)  # over-push on purpose: the worker must hand back what it cannot hold
+        self.jobs.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.jobs.setsockopt(zmq.SNDHWM, 100)  # over-send on purpose: the worker must hand back what it cannot hold
         self.jobs.bind(endpoints.sdf_job)
+        self.worker_id: str | None = None  # learnt from the worker's READY
         self.results = ctx.socket(zmq.PULL)
         self.results.setsockopt(zmq.LINGER, 0)
         self.results.bind(endpoints.sdf_result)
@@ -63,13 +66,26 @@ class FakeBroker:
         job = protocol.SdfJob(job_id=uuid.uuid4().hex[:10], attempt=1, name=name,
                               glb=box_glb() if glb is None else glb, convert=options or dict(HULL))
         self._pushed[job.job_id] = job
-        self.jobs.send_multipart(protocol.encode(job), flags=zmq.NOBLOCK)
+        self._send(job)
         return job
+
+    def _send(self, job: protocol.SdfJob) -> None:
+        """Send to the worker, waiting (bounded) for its job socket to connect."""
+        assert self.worker_id, "no READY from the SDF worker yet"
+        deadline_s = time.monotonic() + 10.0
+        while True:
+            try:
+                self.jobs.send_multipart([self.worker_id.encode(), *protocol.encode(job)], flags=zmq.NOBLOCK)
+                return
+            except zmq.ZMQError:
+                if time.monotonic() > deadline_s:
+                    raise AssertionError(f"SDF worker {self.worker_id} never connected its job socket") from None
+                self.jobs.poll(10)
 
     def _repush(self, free: int) -> None:
         # what the real broker's credit does: push again only when a slot is free
         while self.bounced and free > 0:
-            self.jobs.send_multipart(protocol.encode(self.bounced.pop(0)), flags=zmq.NOBLOCK)
+            self._send(self.bounced.pop(0))
             free -= 1
 
     def recv(self, timeout_s: float = 30.0, statuses: bool = False):
@@ -81,6 +97,8 @@ class FakeBroker:
             if remaining_s <= 0 or not self.results.poll(remaining_s * 1000):
                 raise AssertionError(f"no message from the SDF worker within {timeout_s} s")
             command, message = protocol.decode(self.results.recv_multipart(), protocol.SDF_TO_BROKER)
+            if command in (protocol.Command.READY, protocol.Command.HEARTBEAT):
+                self.worker_id = message.worker_id
             if command is protocol.Command.FINAL and not message.ok and message.error["code"] == "busy":
                 self.bounces += 1
                 self.bounced.append(self._pushed[message.job_id])

@@ -87,7 +87,7 @@ class Broker:
         self.max_bytes = {
             "client": max_message_bytes or defaults.MAX_INPUT_BYTES + defaults.MESSAGE_MARGIN_BYTES,
             "worker": max_message_bytes or defaults.MAX_GLB_BYTES + defaults.MESSAGE_MARGIN_BYTES,
-            "sdf_push": max_message_bytes or defaults.MESSAGE_MARGIN_BYTES,
+            "sdf_jobs": max_message_bytes or defaults.MESSAGE_MARGIN_BYTES,
             "sdf_pull": max_message_bytes or defaults.MAX_PACKAGE_BYTES + defaults.MESSAGE_MARGIN_BYTES,
         }
         self.broker_id = uuid.uuid4().hex
@@ -111,7 +111,6 @@ class Broker:
         self._own_context = context is None
         self._sockets: list[zmq.Socket] = []
         self._poller = zmq.Poller()
-        self._sdf_frames: tuple[str, int, list[bytes]] | None = None  # an encoded push still waiting for room
         self._undelivered_logged: dict[bytes, float] = {}  # client -> when it may be logged again
         self._next_trim = now + TRIM_INTERVAL_S
         self._held_at_trim = (0, 0)  # (jobs, bytes) held at the last look
@@ -130,7 +129,7 @@ class Broker:
         for name, kind, port in (
             ("client", zmq.ROUTER, ep.client_port),
             ("worker", zmq.ROUTER, ep.worker_port),
-            ("sdf_push", zmq.PUSH, ep.sdf_job_port),
+            ("sdf_jobs", zmq.ROUTER, ep.sdf_job_port),
             ("sdf_pull", zmq.PULL, ep.sdf_result_port),
         ):
             sock = self._ctx.socket(kind)
@@ -147,11 +146,10 @@ class Broker:
                 # the rest are dropped (counted, logged): the broker's memory stays
                 # bounded. A live client that lost a result asks again by heartbeat.
                 sock.setsockopt(zmq.SNDHWM, self.client_send_hwm)
-            elif name == "worker":
-                sock.setsockopt(zmq.SNDHWM, 0)  # jobs to a worker are never dropped; one at a time each
-            elif kind == zmq.PUSH:
-                sock.setsockopt(zmq.SNDHWM, 1)  # SDF jobs wait in our queue, not in socket buffers
-                sock.setsockopt(zmq.IMMEDIATE, 1)
+            else:
+                # Jobs to a worker are never dropped: a GPU worker gets one at a
+                # time, an SDF worker no more than its free slots (the pool's credit).
+                sock.setsockopt(zmq.SNDHWM, 0)
             url = f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
             try:
                 sock.bind(url)
@@ -163,7 +161,7 @@ class Broker:
                     code="bind_failed",
                 ) from None
             setattr(self, f"_{name}", sock)
-        for sock in (self._client, self._worker, self._sdf_pull):
+        for sock in (self._client, self._worker, self._sdf_pull, self._sdf_jobs):
             self._poller.register(sock, zmq.POLLIN)
 
     def close(self) -> None:
@@ -205,6 +203,8 @@ class Broker:
             self._drain(self._worker, self._on_worker, copy=False, yield_to_clients=True)
         if self._sdf_pull in ready:
             self._drain(self._sdf_pull, self._on_sdf, copy=False, yield_to_clients=True)
+        if self._sdf_jobs in ready:
+            self._drain(self._sdf_jobs, self._on_sdf_jobs_socket, copy=False)
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self._tick_s
@@ -344,19 +344,18 @@ class Broker:
             log.info("could not reach GPU worker %s: %s", identity.hex(), exc)
             return False
 
-    def to_sdf(self, job: SdfJob) -> bool:
-        cached = self._sdf_frames
-        if cached is not None and cached[:2] == (job.job_id, job.attempt):
-            frames = cached[2]
-        else:
-            frames = protocol.encode(job)
+    def to_sdf(self, worker_id: str, job: SdfJob) -> bool:
         try:
-            _send(self._sdf_push, frames)
-        except zmq.Again:
-            self._sdf_frames = (job.job_id, job.attempt, frames)  # keep the encoding until a pipe has room
+            _send(self._sdf_jobs, [worker_id.encode(), *protocol.encode(job)])
+            return True
+        except zmq.ZMQError as exc:  # not connected on the job socket (yet, or any more)
+            log.info("could not reach SDF worker %s on the job socket: %s", worker_id, exc)
             return False
-        self._sdf_frames = None
-        return True
+
+    def _on_sdf_jobs_socket(self, frames: list) -> None:
+        # SDF workers only receive on this socket; anything sent here is dropped.
+        self.dispatcher.stats.dropped_messages += 1
+        log.warning("dropped a message sent to the SDF job socket by %s", bytes(frames[0]).hex() if frames else "?")
 
 
 def release_free_heap() -> bool:

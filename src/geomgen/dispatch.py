@@ -37,7 +37,8 @@ from geomgen.protocol import (
     WorkerReady,
     error_dict,
 )
-from geomgen.scheduling import SDF_POOL, GpuWorkerRecord, RoundRobinQueue, SdfPool, WaitList, WorkerRegistry
+from geomgen.scheduling import SDF_POOL, GpuWorkerRecord, RoundRobinQueue, WaitList, WorkerRegistry
+from geomgen.sdf_pool import SdfPool
 from geomgen.stats import BrokerStats
 
 log = logging.getLogger("geomgen.broker")
@@ -52,8 +53,8 @@ class Outbox(Protocol):
     def to_worker(self, identity: bytes, message: Any) -> bool:
         """False when the worker's connection is gone."""
 
-    def to_sdf(self, job: SdfJob) -> bool:
-        """False when no SDF worker pipe has room; the job stays queued."""
+    def to_sdf(self, worker_id: str, job: SdfJob) -> bool:
+        """False when that SDF worker cannot be reached now; the job stays queued."""
 
 
 class Dispatcher:
@@ -534,21 +535,28 @@ class Dispatcher:
         self.pump_sdf(now)
 
     def pump_sdf(self, now: float) -> None:
-        """Push waiting SDF jobs while the pool has credit."""
-        pool = self.sdf
-        while pool.waiting and pool.credit() > 0:
+        """Send waiting SDF jobs, each to the live SDF worker with the most free
+        slots, while one has credit. A worker that has gone quiet gets none."""
+        pool, unreachable = self.sdf, set()
+        while pool.waiting:
             job = self.jobs.get(pool.waiting[0])
             if job is None:
                 pool.waiting.popleft()
                 continue
-            attempt = job.sdf_attempt + 1
-            if not self.out.to_sdf(SdfJob(job.job_id, attempt, job.request.output_name, job.glb, job.terms.convert)):
+            worker_id = pool.pick(now, self.heartbeat_interval_s, unreachable)
+            if worker_id is None:
                 return
+            attempt = job.sdf_attempt + 1
+            message = SdfJob(job.job_id, attempt, job.request.output_name, job.glb, job.terms.convert)
+            if not self.out.to_sdf(worker_id, message):
+                unreachable.add(worker_id)  # its connection is not up (yet): another worker, or later
+                continue
             pool.waiting.popleft()
             self.waits.cancel(job.job_id)
             job.waiting_in, job.sdf_attempt, job.sdf_pushed_at = None, attempt, now
-            pool.pushed(job.job_id, attempt, now)
-            self._event(job, EventKind.CONVERTING, attempt=attempt, detail="pushed to the SDF pool")
+            pool.pushed(job.job_id, attempt, now, worker_id)
+            self._event(job, EventKind.CONVERTING, attempt=attempt, detail=f"sent to SDF worker {worker_id}",
+                        worker=worker_id)
 
     def sdf_message(self, command: Command, msg: Any, now: float) -> None:
         """A decoded message from an SDF worker."""

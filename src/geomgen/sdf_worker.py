@@ -32,6 +32,7 @@ from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
 log = logging.getLogger("geomgen.sdf_worker")
 
 START_CHECK_TIMEOUT_S = 120.0  # first child at start-up: forkserver launch plus warm imports
+MAX_WORKER_ID_BYTES = 255  # a ZeroMQ identity's limit
 TIMEOUT_HINT = "raise the SDF worker's conversion timeout (--convert-timeout)"
 
 
@@ -46,7 +47,9 @@ class _Held:
 
 
 class SdfWorker:
-    """PULLs SdfJobs (handing back, as "busy", any that arrive with no free slot), converts each in a child
+    """Receives SdfJobs on a DEALER whose identity is its worker id (the broker
+    addresses each job to a worker with a free slot; one that arrives with none,
+    after a stale status, is handed back as "busy"), converts each in a child
     process, PUSHes SdfResults and SdfStatus heartbeats to the broker.
 
     Drive it with ``run(stop_event)`` or ``run_once(timeout_s)``; ``stop()``
@@ -72,6 +75,9 @@ class SdfWorker:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.convert_timeout_s = convert_timeout_s
         self.worker_id = worker_id or f"sdf-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        if not 0 < len(self.worker_id.encode()) <= MAX_WORKER_ID_BYTES or self.worker_id.startswith("\0"):
+            raise InputError(f"worker id must be 1 to {MAX_WORKER_ID_BYTES} bytes (it is the socket identity the "
+                             f"broker sends jobs to), got {self.worker_id!r}", code="bad_option")
         self.completed = 0
         self.failed = 0
         self.max_held = 0  # the most jobs held at once, never above slots
@@ -80,8 +86,8 @@ class SdfWorker:
         self._mp = convert_child.child_context()
         self._running: dict[tuple[str, int], _Held] = {}  # by (job_id, attempt)
         self._ctx = zmq.Context()
-        self._jobs = self._ctx.socket(zmq.PULL)
-        self._jobs.setsockopt(zmq.RCVHWM, 1)
+        self._jobs = self._ctx.socket(zmq.DEALER)
+        self._jobs.setsockopt(zmq.IDENTITY, self.worker_id.encode())  # how the broker addresses this worker
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
         self._jobs.connect(endpoints.sdf_job)
@@ -140,9 +146,9 @@ class SdfWorker:
             self._announced = True
         now_s = time.monotonic()
         poller = zmq.Poller()
-        # Read jobs even when full: PUSH cannot tell which worker has the free
-        # slot, so a job that lands here while all slots are taken goes straight
-        # back ("busy") instead of waiting in this socket behind a long conversion.
+        # Read jobs even when full: the broker sends by the last status it had, so
+        # a job that lands here while all slots are taken goes straight back
+        # ("busy") instead of waiting in this socket behind a long conversion.
         poller.register(self._jobs, zmq.POLLIN)
         for held in self._running.values():
             for fd in held.conversion.waitables():

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
 if TYPE_CHECKING:
-    from geomgen.scheduling import RoundRobinQueue, SdfPool
+    from geomgen.scheduling import RoundRobinQueue
+    from geomgen.sdf_pool import SdfPool
 
 
 @dataclass
@@ -136,7 +137,7 @@ def health_report(
         "workers": [
             {"worker_id": w.worker_id, "backend": w.backend, "hostname": w.hostname, "pid": w.pid, "gpu": w.gpu,
              "busy": w.busy, "job_id": w.job_id, "completed": w.completed, "failed": w.failed,
-             "last_seen_s": round(now - w.last_seen, 3)}
+             "load_s": w.info.get("load_s"), "last_seen_s": round(now - w.last_seen, 3)}
             for w in workers
         ],
         "sdf_workers": [
