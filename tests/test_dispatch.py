@@ -224,6 +224,7 @@ def test_a_silent_workers_job_is_retried_and_its_late_result_dropped():
     ready(d, W2, 1.0)
     d.housekeeping(DEAD_AFTER_S - 0.1)  # W1 is quiet, not yet lost
     assert out.take(W2, Job) == []
+    heartbeat(d, W2, DEAD_AFTER_S)
     d.housekeeping(DEAD_AFTER_S + 0.1)
     second = out.take_one(W2, Job)
     assert (second.job_id, second.attempt) == (first.job_id, 2)
@@ -280,6 +281,7 @@ def test_a_job_fails_with_worker_lost_after_max_retries():
     request(d, "r1", want_sdf=False)
     assert out.take_one(W1, Job).attempt == 1
     ready(d, W2, 1.0)
+    heartbeat(d, W2, DEAD_AFTER_S)
     d.housekeeping(DEAD_AFTER_S + 0.5)  # W1 went silent: hung
     second = out.take_one(W2, Job)
     assert second.attempt == 2
@@ -830,6 +832,20 @@ def test_an_attempt_past_its_deadline_fails_and_its_worker_gets_no_work_until_id
     assert out.take(W1, Job) == []
     heartbeat(d, W1, 15.0)  # it recycled its backend and is idle
     assert out.take_one(W1, Job).input_name == "next.png"
+
+
+def test_a_quiet_gpu_worker_is_passed_over_for_one_that_is_heard():
+    """W1 is idle but silent (frozen, alive on TCP) for over two intervals: the
+    job goes to W2, which heartbeats, instead of waiting on W1 until it is lost."""
+    d, out = dispatcher()
+    ready(d, W1, 0.0)
+    ready(d, W2, 0.1)
+    heartbeat(d, W2, 2.0)
+    request(d, "r1", now=2.5, want_sdf=False)
+    assert out.take(W1, Job) == [] and out.take_one(W2, Job).input_name == "r1.png"
+    heartbeat(d, W1, 2.6)  # heard again: it gets the next job
+    request(d, "r2", now=2.7, want_sdf=False)
+    assert out.take_one(W1, Job).input_name == "r2.png"
 
 
 def test_a_worker_reloading_its_backend_gets_no_work_until_loaded():

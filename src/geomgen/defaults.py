@@ -21,6 +21,7 @@ MAX_PACKAGE_BYTES = 256 * 1024 * 1024  # largest SDF package an SDF worker may r
 # --- liveness ----------------------------------------------------------------
 HEARTBEAT_INTERVAL_S = 1.0  # how often every peer says it is alive
 HEARTBEAT_LIVENESS = 5  # missed intervals before a peer is declared dead
+QUIET_AFTER_INTERVALS = 2  # a worker not heard from for this many of its intervals gets no new job
 POLL_INTERVAL_S = 0.25  # upper bound on a loop's sleep in poll()
 ACTIVITY_LOG_INTERVAL_S = 60.0  # the broker logs one line of what it did in each such period (jobs log at DEBUG)
 CLIENT_LIVENESS_S = 20.0  # a client holding jobs and silent this long is gone: its jobs are dropped
@@ -33,6 +34,8 @@ MAX_RETRIES = 2  # re-runs of a job whose worker was lost (so 3 attempts at most
 NO_WORKER_TIMEOUT_S = 30.0  # how long a request waits for a backend with no live worker
 SDF_LEASE_S = 10.0  # an SDF job not seen in any worker heartbeat for this long is re-pushed
 SDF_CONVERT_TIMEOUT_S = 600.0  # a conversion child running longer is killed
+CPU_GENERATE_TIMEOUT_S = 300.0  # a CPU backend's generate() running longer is abandoned (its process killed), seconds
+GPU_GENERATE_TIMEOUT_S = 1800.0  # the same for a GPU backend (hunyuan3d, sam3d), seconds
 CLIENT_TIMEOUT_S = 60.0  # broker silence after which a client fails its outstanding items
 CLIENT_MAX_IN_FLIGHT = 64  # requests one generate() call keeps outstanding at the broker
 

@@ -310,11 +310,16 @@ class Dispatcher:
     def _dispatch(self, backend: str, now: float) -> None:
         """Hand queued jobs of ``backend`` to its idle workers, in round-robin order."""
         queue = self.queues.get(backend)
-        while queue and self.workers.has_idle(backend):
+        while queue:
+            worker = self.workers.take_idle(backend, now, self.heartbeat_interval_s)
+            if worker is None:
+                return
             _, job_id = queue.pop()
             job = self.jobs.get(job_id)
-            if job is not None:  # every path that ends a job takes it out of its queue; stay safe anyway
-                self._start(job, self.workers.take_idle(backend), now)
+            if job is None:  # every path that ends a job takes it out of its queue; stay safe anyway
+                self.workers.release(worker)
+                continue
+            self._start(job, worker, now)
 
     def _start(self, job: JobRecord, worker: GpuWorkerRecord, now: float) -> None:
         self.waits.cancel(job.job_id)

@@ -13,6 +13,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from geomgen import defaults
+
 
 class RoundRobinQueue:
     """One FIFO per scene key, served in strict round-robin over keys with work.
@@ -247,14 +249,23 @@ class WorkerRegistry:
     def has_idle(self, backend: str) -> bool:
         return bool(self._idle.get(backend))
 
-    def take_idle(self, backend: str) -> GpuWorkerRecord | None:
-        """The longest-idle worker of ``backend``, removed from the idle set."""
+    def take_idle(self, backend: str, now: float | None = None, interval_s: float = 0.0) -> GpuWorkerRecord | None:
+        """The longest-idle worker of ``backend``, removed from the idle set.
+
+        With ``now``, a worker not heard from for QUIET_AFTER_INTERVALS of its
+        (or ``interval_s``, if longer) heartbeat intervals is passed over: alive
+        on TCP but silent (frozen, wedged), it would only hold the job until
+        the liveness rule declared it dead."""
         idle = self._idle.get(backend)
         if not idle:
             return None
-        identity = next(iter(idle))
-        del idle[identity]
-        return self._workers[identity]
+        for identity in idle:
+            worker = self._workers[identity]
+            quiet_after_s = defaults.QUIET_AFTER_INTERVALS * max(interval_s, worker.heartbeat_interval_s)
+            if now is None or now - worker.last_seen <= quiet_after_s:
+                del idle[identity]
+                return worker
+        return None
 
     def assign(self, worker: GpuWorkerRecord, job_id: str, attempt: int, now: float) -> None:
         self._idle.get(worker.backend, {}).pop(worker.identity, None)

@@ -12,10 +12,12 @@ import heapq
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
+from geomgen import defaults
+
 # A worker not heard from for this many of its heartbeat intervals gets no new
 # job: a frozen (SIGSTOPped) or wedged worker is bypassed at once, long before
 # the liveness rule declares it dead and its leases run out.
-QUIET_AFTER_INTERVALS = 2
+QUIET_AFTER_INTERVALS = defaults.QUIET_AFTER_INTERVALS
 
 
 @dataclass(eq=False)
