@@ -113,16 +113,51 @@ class FailingBackend(InstantBackend):
 
 class CrashingBackend(InstantBackend):
     """Kills its own process inside generate (SIGKILL), like a worker lost to
-    the OOM killer or a driver fault. Option ``after_s`` waits first."""
+    the OOM killer or a driver fault. Option ``after_s`` waits first; per
+    request, ``crash=no`` succeeds like InstantBackend instead."""
 
     name = "crashing"
 
     def generate(self, job: GenerationInput) -> GenerationOutput:
+        if job.options.get("crash") == "no":  # per request: serve like InstantBackend
+            return super().generate(job)
         after_s = _seconds(job.options, "after_s", _seconds(self.options, "after_s", 0.0))
         if after_s > 0:
             threading.Event().wait(after_s)
         os.kill(os.getpid(), signal.SIGKILL)
         raise AssertionError("unreachable: the process was killed")
+
+
+class HangingBackend(InstantBackend):
+    """A generate() that never returns, like a model stuck in a driver call.
+    Per request, ``hang=no`` succeeds like InstantBackend (its info has the
+    backend process's pid). Option ``load_s`` makes load() take that long, so a
+    test can watch a reload; option ``loads_file`` names a file that load()
+    appends its pid to, one line per load; with it, option ``max_loads`` makes
+    every load after that many fail (BackendUnavailable), like a GPU lost
+    between two loads."""
+
+    name = "hanging"
+
+    def load(self) -> None:
+        load_s = _seconds(self.options, "load_s", 0.0)
+        if load_s > 0:
+            threading.Event().wait(load_s)
+        loads_file = self.options.get("loads_file")
+        if loads_file:
+            done = Path(loads_file).read_text().count("\n") if Path(loads_file).exists() else 0
+            if done >= int(self.options.get("max_loads", done + 1)):
+                raise BackendUnavailable(f"backend 'hanging' may load {done} times only (synthetic)")
+            with open(loads_file, "a") as loads:
+                loads.write(f"{os.getpid()}\n")
+        super().load()
+
+    def generate(self, job: GenerationInput) -> GenerationOutput:
+        if job.options.get("hang") == "no":
+            return super().generate(job)
+        job.progress("hanging")
+        threading.Event().wait()
+        raise AssertionError("unreachable: nothing sets the event")
 
 
 class UnavailableBackend(Backend):

@@ -4,6 +4,7 @@ test backends of tests/plugins.py registered through GEOMGEN_BACKENDS."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import signal
@@ -22,12 +23,13 @@ from geomgen import protocol
 from geomgen.endpoints import Endpoints
 from geomgen.gpu_worker import GpuWorker
 from tests.conftest import REPO, wait_for
-from tests.plugins import BOX_EXTENTS_M, InstantBackend, box_glb
+from tests.plugins import BOX_EXTENTS_M, box_glb
 
 PLUGINS = ",".join(
     f"{name}=tests.plugins:{cls}"
     for name, cls in [("instant", "InstantBackend"), ("slow", "SlowBackend"), ("failing", "FailingBackend"),
-                      ("crashing", "CrashingBackend"), ("unavailable", "UnavailableBackend")]
+                      ("crashing", "CrashingBackend"), ("unavailable", "UnavailableBackend"),
+                      ("hanging", "HangingBackend")]
 )
 HEARTBEAT_S = 0.2
 LIVENESS = 5  # the reconnect test: the worker gives up on a silent broker after 1 s
@@ -151,6 +153,40 @@ def job(backend: str, data: bytes = b"not a mesh", **options) -> protocol.Job:
                         input_data=data, backend_options=options)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # the task ended meanwhile
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def wait_until_loaded(broker: FakeBroker, since: int, timeout_s: float = 30.0) -> int:
+    """Read heartbeats until, among those from ``since`` on, some said
+    ``loading`` and the latest does not; returns how many said it."""
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        beats = [beat for _, beat in broker.heartbeats[since:]]
+        loading = sum(beat.loading for beat in beats)
+        if loading and not beats[-1].loading:
+            return loading
+        broker.expect(protocol.Command.HEARTBEAT, timeout_s=max(0.1, deadline_s - time.monotonic()))
+
+
 def test_ready_after_load_then_a_job_returns_a_glb(broker, spawn):
     proc = spawn("instant", "--gpu", "3")
     identity, ready = broker.expect(protocol.Command.READY, timeout_s=30)
@@ -202,11 +238,16 @@ def test_heartbeats_while_busy_busy_reply_and_warm_stop(broker, spawn):
     third = job("slow", delay_s="0.5")
     broker.send(identity, third)
     broker.expect(protocol.Command.PARTIAL)
+    below = descendants(proc.pid)
+    assert done.info["pid"] in below
     proc.send_signal(signal.SIGTERM)
     _, done = broker.expect(protocol.Command.FINAL)
     assert done.job_id == third.job_id and done.ok
     broker.expect(protocol.Command.DISCONNECT)
     assert proc.wait(timeout=10) == 0
+    assert not alive(done.info["pid"])  # the worker reaped its backend process before it exited
+    # multiprocessing's resource tracker ends on its own once its pipe from the worker closes
+    wait_for(lambda: not [pid for pid in below if alive(pid)], timeout_s=10, what="the worker's children to end")
 
 
 def test_backend_exceptions_become_error_results(broker, spawn):
@@ -264,7 +305,7 @@ def test_reconnects_and_announces_again(broker, spawn):
     assert result.ok and result.job_id == request.job_id
 
 
-def test_start_up_failures_exit_2_with_a_clear_message(spawn):
+def test_start_up_failures_exit_2_with_a_clear_message(broker, spawn):
     cases = {
         "unavailable": spawn("unavailable"),
         "unknown": spawn("no-such-backend"),
@@ -281,13 +322,114 @@ def test_start_up_failures_exit_2_with_a_clear_message(spawn):
     assert "interval > 0 s" in logs["bad_heartbeat"]
     for text in logs.values():
         assert "Traceback" not in text
+    assert not broker.socket.poll(0), "a worker whose backend cannot start said READY"
 
 
-def test_crashing_backend_takes_only_its_process(broker, spawn):
+def test_a_hung_backend_is_abandoned_at_its_deadline_and_reloaded(broker, spawn, tmp_path):
+    loads = tmp_path / "loads.txt"
+    proc = spawn("hanging", "--generate-timeout", "1.5", "--backend-option", "load_s=1",
+                 "--backend-option", f"loads_file={loads}")
+    identity, ready = broker.expect(protocol.Command.READY, timeout_s=30)
+    assert ready.info["generate_timeout_s"] == 1.5 and ready.info["load_s"] >= 0.9
+    broker.send(identity, job("hanging", hang="no"))
+    _, result = broker.expect(protocol.Command.FINAL)
+    first_pid = result.info["pid"]
+    assert result.ok and first_pid != proc.pid
+    # no time left: refused at once, without costing a reload
+    late = dataclasses.replace(job("hanging"), deadline_s=0.0)
+    broker.send(identity, late)
+    _, result = broker.expect(protocol.Command.FINAL)
+    assert result.job_id == late.job_id and result.error["code"] == "timeout" and not result.info
+
+    # past the worker's --generate-timeout: FINAL timeout, the backend process is killed and reloaded
+    hung = job("hanging")
+    since = len(broker.heartbeats)
+    broker.send(identity, hung)
+    started_s = time.monotonic()
+    broker.expect(protocol.Command.PARTIAL)
+    _, result = broker.expect(protocol.Command.FINAL)
+    waited_s = time.monotonic() - started_s
+    assert result.job_id == hung.job_id and not result.ok
+    assert (result.error["stage"], result.error["code"]) == ("generate", "timeout"), result.error
+    assert "1.5 s deadline" in result.error["message"] and "restarted" in result.error["message"]
+    assert result.info == {"reloads": 1}
+    assert 1.4 <= waited_s < 1.5 + 2.0, waited_s
+    assert not alive(first_pid)
+
+    # while it reloads (load_s=1) it heartbeats `loading` and refuses work as busy
+    refused = job("hanging", hang="no")
+    broker.send(identity, refused)
+    _, result = broker.expect(protocol.Command.FINAL)
+    assert result.job_id == refused.job_id and result.error["code"] == "busy"
+    assert "reloading" in result.error["message"]
+    assert wait_until_loaded(broker, since) >= 2
+
+    # loaded again: served by a new backend process; the model was loaded twice
+    broker.send(identity, job("hanging", hang="no"))
+    _, result = broker.expect(protocol.Command.FINAL)
+    assert result.ok and result.info["pid"] not in (first_pid, proc.pid)
+    assert loads.read_text().split() == [str(first_pid), str(result.info["pid"])]
+
+    # a job's own deadline, below the worker's, is the one that holds
+    short = dataclasses.replace(job("hanging"), deadline_s=0.5)
+    broker.send(identity, short)
+    started_s = time.monotonic()
+    broker.expect(protocol.Command.PARTIAL)
+    _, result = broker.expect(protocol.Command.FINAL)
+    assert result.job_id == short.job_id and result.error["code"] == "timeout"
+    assert "0.5 s deadline" in result.error["message"] and result.info == {"reloads": 2}
+    assert time.monotonic() - started_s < 0.5 + 2.0
+    assert proc.poll() is None
+
+
+def test_a_crashed_backend_process_fails_its_job_and_is_reloaded(broker, spawn):
     proc = spawn("crashing")
     identity, _ = broker.expect(protocol.Command.READY, timeout_s=30)
-    broker.send(identity, job("crashing"))
-    assert proc.wait(timeout=10) == -signal.SIGKILL
+    broker.send(identity, job("crashing", crash="no"))
+    _, result = broker.expect(protocol.Command.FINAL)
+    first_pid = result.info["pid"]
+
+    crash = job("crashing")
+    since = len(broker.heartbeats)
+    broker.send(identity, crash)
+    _, result = broker.expect(protocol.Command.FINAL)
+    assert result.job_id == crash.job_id and not result.ok
+    assert (result.error["stage"], result.error["code"]) == ("generate", "crashed"), result.error
+    assert "SIGKILL" in result.error["message"] and result.info == {"reloads": 1}
+    wait_until_loaded(broker, since)
+
+    broker.send(identity, job("crashing", crash="no"))
+    _, result = broker.expect(protocol.Command.FINAL)
+    assert result.ok and result.info["pid"] != first_pid
+    assert proc.poll() is None
+
+
+def test_a_failed_reload_disconnects_and_exits(broker, spawn, tmp_path):
+    loads = tmp_path / "loads.txt"
+    proc = spawn("hanging", "--generate-timeout", "0.5", "--backend-option", f"loads_file={loads}",
+                 "--backend-option", "max_loads=1")
+    identity, _ = broker.expect(protocol.Command.READY, timeout_s=30)
+    broker.send(identity, job("hanging"))
+    broker.expect(protocol.Command.PARTIAL)
+    _, result = broker.expect(protocol.Command.FINAL)
+    assert result.error["code"] == "timeout"
+    _, bye = broker.expect(protocol.Command.DISCONNECT)
+    assert bye.reason == "backend failed to reload"
+    assert proc.wait(timeout=10) == 2
+    assert "may load 1 times only" in proc.log_path.read_text()
+
+
+def test_no_backend_process_outlives_a_killed_worker(broker, spawn):
+    proc = spawn("slow")
+    identity, _ = broker.expect(protocol.Command.READY, timeout_s=30)
+    below = descendants(proc.pid)
+    assert below, "no backend process under the worker"
+    broker.send(identity, job("slow", delay_s="60"))
+    broker.expect(protocol.Command.PARTIAL)
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_for(lambda: not [pid for pid in below if alive(pid)], timeout_s=10,
+             what="the backend process to end with its worker")
 
 
 def test_importing_the_worker_does_not_import_torch():
@@ -297,16 +439,23 @@ def test_importing_the_worker_does_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_in_process_loop_runs_to_completion(broker, endpoints):
+@pytest.fixture
+def plugins_env(monkeypatch):
+    """The test backends, registered for backend processes started by this process."""
+    monkeypatch.setenv("GEOMGEN_BACKENDS", PLUGINS)
+
+
+def test_in_process_loop_runs_to_completion(broker, endpoints, plugins_env):
     """run(stop_event) in a thread: serves, reports progress, stops with DISCONNECT."""
-    backend = InstantBackend({"delay_s": "0.3"})
-    backend.load()
-    worker = GpuWorker(backend, "instant", endpoints, heartbeat_interval_s=HEARTBEAT_S,
+    worker = GpuWorker("instant", endpoints, backend_options={"delay_s": "0.3"}, heartbeat_interval_s=HEARTBEAT_S,
                        heartbeat_liveness=LIVENESS, worker_id="in-process")
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), kwargs={"grace_s": 2.0})
-    thread.start()
     try:
+        facts = worker.load()
+        assert facts.input_kind == "mesh" and worker.generate_timeout_s == 300.0
+        backend_pid = worker.backend.pid
+        thread.start()
         identity, ready = broker.expect(protocol.Command.READY)
         assert ready.worker_id == "in-process" and ready.pid == os.getpid()
         request = job("instant")
@@ -316,39 +465,35 @@ def test_in_process_loop_runs_to_completion(broker, endpoints):
         assert worker.busy
         _, result = broker.expect(protocol.Command.FINAL)
         assert result.ok and worker.completed == 1 and not worker.busy
+        assert result.info["pid"] == backend_pid != os.getpid()
     finally:
         stop.set()
-        thread.join(timeout=10)
+        if thread.is_alive():
+            thread.join(timeout=10)
         worker.close()
-    assert not thread.is_alive()
+    assert not thread.is_alive() and not alive(backend_pid)
     _, bye = broker.expect(protocol.Command.DISCONNECT)
     assert bye.worker_id == "in-process" and bye.reason == "shutdown"
 
 
-def test_stop_abandons_a_job_past_the_grace_period(broker, endpoints):
-    """A job still running when the grace period ends is abandoned: DISCONNECT
-    goes out at once and the backend is not closed under the running job."""
-    closed = threading.Event()
-
-    class Recorded(InstantBackend):
-        def close(self) -> None:
-            closed.set()
-
-    backend = Recorded({"delay_s": "5"})
-    backend.load()
-    worker = GpuWorker(backend, "instant", endpoints, heartbeat_interval_s=HEARTBEAT_S,
+def test_stop_kills_a_job_past_the_grace_period(broker, endpoints, plugins_env):
+    """A job still running when the grace period ends is abandoned: its backend
+    process is killed and DISCONNECT goes out at once."""
+    worker = GpuWorker("instant", endpoints, backend_options={"delay_s": "60"}, heartbeat_interval_s=HEARTBEAT_S,
                        heartbeat_liveness=RELAXED_LIVENESS, worker_id="abandoning")
     try:
+        worker.load()
+        backend_pid = worker.backend.pid
         worker.run_once(0.0)
         identity, _ = broker.expect(protocol.Command.READY)
         broker.send(identity, job("instant"))
         wait_for(lambda: worker.run_once(0.05) or worker.busy, timeout_s=10, what="the job to start")
         started_s = time.monotonic()
         worker.stop(grace_s=0.3)
-        assert 0.25 <= time.monotonic() - started_s < 5 and worker.busy
+        assert 0.25 <= time.monotonic() - started_s < 5 and not worker.busy
+        assert not alive(backend_pid)
         _, progress = broker.expect(protocol.Command.PARTIAL)
         _, bye = broker.expect(protocol.Command.DISCONNECT)
         assert bye.worker_id == "abandoning"
     finally:
         worker.close()
-    assert not closed.is_set()

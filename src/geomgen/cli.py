@@ -223,9 +223,12 @@ def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, 
 @click.option("--liveness", type=int, default=defaults.HEARTBEAT_LIVENESS, show_default=True,
               help="Missed broker heartbeats before reconnecting.")
 @click.option("--worker-id", help="Name in the broker's health report (default: a random id).")
+@click.option("--generate-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Seconds one job may run before the backend process is killed and reloaded (default: the "
+                   "backend's own, 300 for CPU backends, 1800 for GPU ones); a request's deadline may ask for less.")
 @verbose_option
 def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_interval, liveness, worker_id,
-               verbose) -> None:
+               generate_timeout, verbose) -> None:
     """Run one GPU worker: loads its backend once, then one job at a time.
 
     Example: geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker hub:5555
@@ -236,8 +239,8 @@ def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_
         endpoints = Endpoints(**{**endpoints.__dict__, "worker_port": worker_port})
     _logging(verbose)
     sys.exit(worker_role.main(backend, endpoints, gpu=gpu, backend_options=backend_options,
-                              heartbeat_interval_s=heartbeat_interval, heartbeat_liveness=liveness,
-                              worker_id=worker_id))
+                              generate_timeout_s=generate_timeout, heartbeat_interval_s=heartbeat_interval,
+                              heartbeat_liveness=liveness, worker_id=worker_id))
 
 
 @cli.command("sdf-worker")

@@ -1,7 +1,8 @@
-"""One backend job, run on the GPU worker's job thread beside its socket loop.
+"""One backend job, run inside the backend process (backend_process.py).
 
-The job reports through an inproc PAIR (progress, then exactly one final
-result) so the loop's poll wakes the moment the job ends.
+Progress goes out through a callback as it happens; the job's one final
+JobResult is returned as the frames the GPU worker forwards to the broker
+unchanged.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-import zmq
+from typing import Callable
 
 from geomgen import defaults, protocol
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
@@ -23,34 +23,6 @@ from geomgen.errors import GeomgenError, Stage
 log = logging.getLogger("geomgen.gpu_worker")
 
 MAX_PROGRESS_CHARS = 500  # a progress detail longer than this is cut
-
-# Tags of the internal job-thread -> loop messages (not wire commands).
-PROGRESS = b"P"
-FINAL = b"F"
-
-
-class JobChannel:
-    """The job side of the inproc PAIR. A lock serialises sends because a
-    backend may report progress from threads of its own."""
-
-    def __init__(self, sock: zmq.Socket):
-        self._socket = sock
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def send(self, tag: bytes, frames: list[bytes]) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            try:
-                self._socket.send_multipart([tag, *frames], copy=False)
-            except zmq.ZMQError as exc:  # the worker is closing under an abandoned job
-                log.debug("job channel send dropped: %s", exc)
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self._socket.close(linger=0)
 
 
 def error_of(exc: BaseException) -> dict[str, str]:
@@ -62,9 +34,11 @@ def error_of(exc: BaseException) -> dict[str, str]:
     return protocol.error_dict(Stage.GENERATE, "generate_failed", f"the backend raised {type(exc).__name__}: {text}")
 
 
-def run_job(backend: Backend, backend_name: str, job: protocol.Job, channel: JobChannel) -> None:
-    """Job-thread body: generate in a fresh temporary work dir (removed after),
-    report progress, then exactly one FINAL JobResult. Never raises."""
+def run_job(backend: Backend, backend_name: str, job: protocol.Job,
+            send_progress: Callable[[list[bytes]], None]) -> list[bytes]:
+    """Generate in a fresh temporary work dir (removed after), passing each
+    progress report's frames to ``send_progress`` (maybe from a backend's own
+    thread), and return the frames of exactly one JobResult. Never raises."""
     started_s = time.monotonic()
     finished = threading.Event()
     work_dir = Path(tempfile.mkdtemp(prefix=f"geomgen-{backend_name}-"))
@@ -72,8 +46,7 @@ def run_job(backend: Backend, backend_name: str, job: protocol.Job, channel: Job
     def progress(detail: str) -> None:
         if finished.is_set():  # a backend thread reporting after the result: nobody listens
             return
-        report = protocol.JobProgress(job.job_id, job.attempt, str(detail)[:MAX_PROGRESS_CHARS])
-        channel.send(PROGRESS, protocol.encode(report))
+        send_progress(protocol.encode(protocol.JobProgress(job.job_id, job.attempt, str(detail)[:MAX_PROGRESS_CHARS])))
 
     try:
         request = GenerationInput(
@@ -86,15 +59,14 @@ def run_job(backend: Backend, backend_name: str, job: protocol.Job, channel: Job
             progress=progress,
         )
         output = backend.generate(request)
-        frames = _success_frames(backend_name, job, output, time.monotonic() - started_s)
+        return _success_frames(backend_name, job, output, time.monotonic() - started_s)
     except BaseException as exc:  # noqa: BLE001 - any failure is this job's, never the worker's
         if not isinstance(exc, GeomgenError):
             log.exception("backend %s raised on job %s", backend_name, job.job_id)
-        frames = _failure_frames(job, error_of(exc), time.monotonic() - started_s)
+        return _failure_frames(job, error_of(exc), time.monotonic() - started_s)
     finally:
         finished.set()
         shutil.rmtree(work_dir, ignore_errors=True)
-    channel.send(FINAL, frames)
 
 
 def _success_frames(backend_name: str, job: protocol.Job, output: GenerationOutput, seconds: float) -> list[bytes]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
+from geomgen import defaults
 from geomgen.contract import SCOPE_HINT, scoped_options
 from geomgen.optionspec import OptionSpec, resolve_options
 
@@ -50,6 +51,9 @@ class Backend(abc.ABC):
     # whose options are misspelt or out of range before it is queued. None: not
     # declared (a plug-in's choice); such options are checked only by generate().
     options_spec: ClassVar[tuple[OptionSpec, ...] | None] = None
+    # How long one generate() may run before the worker kills the backend
+    # process and reloads it, seconds (``gpu-worker --generate-timeout`` overrides).
+    generate_timeout_s: ClassVar[float] = defaults.CPU_GENERATE_TIMEOUT_S
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         """Keep the worker-wide options (``--backend-option key=value``),

@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable
 
+from geomgen import defaults
 from geomgen.backends._hy3d_mesh import alpha_coverage, clean_mesh, export_glb_bytes, png_bytes
 from geomgen.backends._hy3d_options import OPTIONS, Hy3dOptions, merge_request_options, parse_worker_options
 from geomgen.backends._hy3d_weights import (
@@ -47,6 +48,7 @@ class Hunyuan3DBackend(Backend):
     name = "hunyuan3d"
     input_kind = "image"
     uses_gpu = True
+    generate_timeout_s = defaults.GPU_GENERATE_TIMEOUT_S
     extra = "hunyuan3d"
     options_spec = OPTIONS
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 
+from geomgen import defaults
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
 from geomgen.errors import BackendUnavailable, GenerateError
 from geomgen.optionspec import OptionSpec
@@ -45,6 +46,7 @@ class Sam3dBackend(Backend):
     name = "sam3d"
     input_kind = "image"
     uses_gpu = True
+    generate_timeout_s = defaults.GPU_GENERATE_TIMEOUT_S
     extra = "sam3d"
     options_spec = OPTIONS
 
