@@ -313,3 +313,26 @@ def test_serve_logs_where_it_listens_and_exits_0_on_sigterm(endpoints, procs, tm
             proc.kill()
             proc.wait()
     assert endpoints.client.encode() in log_path.read_bytes()
+
+
+def test_message_limits_are_per_role(start_broker, peers, zctx, endpoints):
+    """With the default per-socket limits: a REQUEST over the input limit is cut
+    off by ZeroMQ before the broker buffers it (no answer, the broker serves
+    on); a worker's GLB of the same size, under the GLB limit, goes through."""
+    from geomgen import defaults
+
+    # A 65 MiB message holds up the worker's heartbeats behind it: give it 5 s of liveness, not 0.3 s.
+    start_broker(max_message_bytes=None, heartbeat_liveness=100)
+    over_input = defaults.MAX_INPUT_BYTES + defaults.MESSAGE_MARGIN_BYTES + 1
+    big = zctx.socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(endpoints.client)
+    big.send_multipart(protocol.encode(protocol.ClientRequest(
+        request_id="huge", backend="fake", input_name="huge.png", input_data=b"\0" * over_input, output_name="huge")))
+    assert not big.poll(1000), "an oversized request must get nothing back: its connection is dropped"
+    big.close(0)
+    worker, client = peers.worker(), peers.client()
+    client.request("r1", want_sdf=False)  # the broker goes on serving
+    worker.reply(worker.take(), glb=b"\1" * over_input)  # a GLB this size is a worker's to send
+    events, result = client.final("r1", timeout_s=30)
+    assert result.ok and len(events[-1].glb) == over_input
