@@ -140,3 +140,30 @@ def test_a_frozen_sdf_worker_is_bypassed(procs, endpoints, tmp_path):
     assert all(r.ok for r in results.values()), [(r.error_code, r.error) for r in results.values() if not r.ok]
     assert stats["sdf_repushed"] == 0  # nothing sat in the frozen worker's socket until a lease ran out
     assert all(r.timings["total_s"] < defaults.SDF_LEASE_S for r in results.values())
+
+
+def test_a_hung_backend_times_out_and_the_next_request_is_served(procs, endpoints, tmp_path):
+    """A generate() that never returns: the worker abandons it at its deadline
+    (FINAL timeout, not retried), reloads its backend and serves the next
+    request; the client is answered instead of waiting forever."""
+    env = {**ENV, "GEOMGEN_BACKENDS": "hanging=tests.plugins:HangingBackend"}
+    broker_arg = f"127.0.0.1:{endpoints.client_port}"
+    procs.start("broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port), env=env)
+    procs.start("gpu-worker", "--backend", "hanging", "--broker", broker_arg, "--generate-timeout", "2", env=env)
+    mesh = tmp_path / "box.glb"
+    mesh.write_bytes(box_glb())
+
+    def item(name: str, **options) -> GeometryRequest:
+        return GeometryRequest(image_path=mesh, output_dir=tmp_path / "out", output_filename=name,
+                               backend="hanging", want_sdf=False, backend_options=options)
+
+    with GeometryClient(endpoints.client, timeout_s=30, max_in_flight=1) as client:
+        wait_for(lambda: client.health()["backends"].get("hanging", {}).get("alive"), timeout_s=60,
+                 what="the hanging worker")
+        results = dict(client.generate([item("hung"), item("next", hang="no")]))
+        stats = client.health()
+    hung, after = results[0], results[1]
+    assert (hung.stage, hung.error_code, hung.attempts) == ("generate", "timeout", 1)
+    assert "deadline" in hung.error
+    assert after.ok and after.info["generate"]["pid"]  # served by the reloaded backend process
+    assert stats["retried"] == 0 and stats["completed"] == 1
