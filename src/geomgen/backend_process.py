@@ -11,7 +11,6 @@ through :class:`BackendProcess`.
 
 from __future__ import annotations
 
-import ctypes
 import enum
 import logging
 import math
@@ -19,7 +18,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ from geomgen.backends import load_backend_class
 from geomgen.backends.base import Backend
 from geomgen.contract import scoped_options
 from geomgen.errors import BackendUnavailable, GeomgenError, InputError, Stage, UnknownBackend
+from geomgen.processes import describe_exit, die_with_parent, end_process
 
 log = logging.getLogger("geomgen.backend_process")
 
@@ -106,20 +105,6 @@ def startup_message(backend: str, exc: GeomgenError, extra: str | None = None) -
     return text
 
 
-def describe_exit(code: int | None) -> str:
-    """How a process ended, for a sentence: ``killed by SIGSEGV``, ``exit code 3``.
-    (conversion.describe_exit says the same of conversion children; importing it
-    would load the geometry stack into the GPU worker.)"""
-    if code is None:
-        return "no exit code"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 # --- the child -------------------------------------------------------------------
 
 
@@ -162,14 +147,9 @@ def _detach(parent_pid: int) -> None:
         os.setsid()
     except OSError:  # already a group leader
         pass
-    if sys.platform.startswith("linux"):
-        # A worker killed with SIGKILL cannot stop its backend; have the kernel do it.
-        # (The signal follows the thread that started this process: the worker's loop.)
-        PR_SET_PDEATHSIG = 1
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        except (OSError, AttributeError):
-            pass
+    # A worker killed with SIGKILL cannot stop its backend; have the kernel do it.
+    # (The signal follows the thread that started this process: the worker's loop.)
+    die_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:  # the worker died before the kernel was told
         os._exit(1)
 
@@ -365,22 +345,5 @@ class BackendProcess:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-        if process is None:
-            return
-        if process.exitcode is None:
-            _kill_group(process.pid)
-            process.kill()
-        process.join(KILL_WAIT_S)
-        _kill_group(process.pid)  # anything it left behind in its group
-        if process.exitcode is not None:
-            process.close()
-
-
-def _kill_group(pid: int | None) -> None:
-    # The child made itself a group leader (pgid == pid) at start.
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+        if process is not None:
+            end_process(process, KILL_WAIT_S)

@@ -12,7 +12,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from geomgen.convert_child import LOG_FILE, OUT_DIR, RESULT_FILE, Task
 from geomgen.errors import ConvertError, GeomgenError, Stage
 from geomgen.geometry.convert import convert_file, replace_dir
 from geomgen.geometry.decomposition import next_rung
+from geomgen.processes import describe_exit, end_process, signal_name
 
 log = logging.getLogger("geomgen.conversion")
 
@@ -86,21 +86,6 @@ def next_step(*, exitcode: int | None, has_result: bool, rung: str | None, rung_
                 f"{deadline_s - rung_started_s:.3g} s left)"))
         return Step(Action.WAIT, wake_s=limit_s)
     return Step(Action.WAIT, wake_s=deadline_s)
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "no exit code"
-    if code < 0:
-        return f"killed by {signal_name(-code)}"
-    return f"exit code {code}"
-
-
-def signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 # --- one job across its children ------------------------------------------------------
@@ -221,13 +206,7 @@ class Conversion:
         process = self.process
         if process is None:
             return
-        if process.exitcode is None:
-            _kill_group(process.pid)
-            process.kill()
-        process.join(KILL_WAIT_S)
-        _kill_group(process.pid)  # anything it left behind in its group
-        if process.exitcode is not None:
-            process.close()
+        end_process(process, KILL_WAIT_S)
         if self._stage is not None:
             self._stage.close()
         self.process, self._stage = None, None
@@ -242,16 +221,6 @@ class Conversion:
         except OSError:
             return ""
         return " ".join(text.split())
-
-
-def _kill_group(pid: int | None) -> None:
-    # The child made itself a group leader (pgid == pid) at start.
-    if pid is None:
-        return
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def drive(conversion: Conversion) -> dict:

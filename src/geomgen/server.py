@@ -25,6 +25,7 @@ from geomgen import defaults
 from geomgen.endpoints import Endpoints
 from geomgen.errors import InputError, TransportError
 from geomgen.lifecycle import stop_on_signals
+from geomgen.processes import die_with_parent
 
 log = logging.getLogger("geomgen.server")
 
@@ -324,10 +325,4 @@ class GeometryServer:
 
 def _die_with_parent() -> None:
     # A launcher killed with SIGKILL cannot stop its children; have the kernel do it.
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    die_with_parent(signal.SIGTERM)
