@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import random
-import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -28,70 +25,19 @@ from geomgen.batch import (
     GeometryEvent,
     GeometryRequest,
     GeometryResult,
-    check_request,
     failure,
     final_event,
-    local_backend,
     write_file,
     write_package,
 )
-from geomgen.contract import check_backend_options
+from geomgen.client_items import Item, ItemBuilder, busy_retry_after_s
+from geomgen.client_pulse import Pulse
 from geomgen.errors import GeomgenError, InputError, ProtocolError, TransportError
 from geomgen.protocol import Command, EventKind
 
 __all__ = ["GeometryClient", "GeometryEvent", "GeometryRequest", "GeometryResult", "FINAL"]
 
 log = logging.getLogger(__name__)
-
-
-class _Pulse:
-    """Heartbeats for a client's socket from a thread and a socket of its own,
-    while a generate() call is open: an application that holds the thread
-    between two results (placing a chair in its scene) is not taken for gone
-    by the broker, whose liveness window drops the jobs of silent clients."""
-
-    def __init__(self, context: zmq.Context, address: str, owner: bytes, interval_s: float) -> None:
-        self._context, self._address, self._interval_s = context, address, interval_s
-        self._frames = protocol.encode(protocol.ClientHeartbeat(owner=owner))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="geomgen-client-pulse", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=self._interval_s + 1.0)
-
-    def _run(self) -> None:
-        sock = self._context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 2)  # a heartbeat that cannot leave now is stale later
-        sock.connect(self._address)
-        try:
-            while not self._stop.wait(self._interval_s):
-                try:
-                    sock.send_multipart(self._frames, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # the broker is away; the main socket notices its silence
-        finally:
-            sock.close(linger=0)
-
-
-@dataclass
-class _Item:
-    index: int
-    request: GeometryRequest
-    request_id: str
-    output_dir: Path
-    stem: str
-    backend: str
-    frames: list[bytes]
-    sent_at: float = 0.0
-    glb_path: Path | None = None
-    resend_at: float = 0.0  # when an item the broker refused as busy is sent again
-    refusals: int = 0
-    deadline_at: float = math.inf  # the request's deadline, plus a grace for the broker's own answer
 
 
 class GeometryClient:
@@ -123,10 +69,7 @@ class GeometryClient:
         self._context = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._inbox: collections.deque = collections.deque()  # messages read by health() for generate()
-        self._auto_backend: str | GeomgenError | None = None  # backend=auto for images, per generate() call
-        self._classes: dict[str, type | None] = {}  # backend -> its class here; reading the registry costs ms
-        self._claimed: dict[tuple[Path, str], int] = {}  # (output folder, stem) -> index, per generate() call
-        self._pulses: set[_Pulse] = set()  # of generate() calls still open
+        self._pulses: set[Pulse] = set()  # of generate() calls still open
         self._connect()
 
     # --- connection -------------------------------------------------------------
@@ -242,7 +185,7 @@ class GeometryClient:
         retrying events).
         """
         requests = list(requests)
-        pulse = _Pulse(self._context, self.address, self.identity, self.heartbeat_interval_s)
+        pulse = Pulse(self._context, self.address, self.identity, self.heartbeat_interval_s)
         self._pulses.add(pulse)
         pulse.start()
         try:
@@ -253,14 +196,12 @@ class GeometryClient:
 
     def _events(self, requests: list, progress_events: bool) -> Iterator[GeometryEvent]:
         call_id = uuid.uuid4().hex[:8]
-        self._auto_backend = None
-        self._classes = {}
-        self._claimed = {}
-        outstanding: dict[str, _Item] = {}
+        items = ItemBuilder(self.health)  # the client-side checks, fresh for each call
+        outstanding: dict[str, Item] = {}
         # Items the broker refused as busy, sent again after its retry-after hint;
         # they count against max_in_flight but are not in the heartbeat (the broker
         # does not hold them, and would have them sent again at once).
-        deferred: dict[str, _Item] = {}
+        deferred: dict[str, Item] = {}
         finished: set[str] = set()
         next_index = 0
         last_heard = next_beat = time.monotonic()
@@ -270,7 +211,7 @@ class GeometryClient:
                 while next_index < len(requests) and len(outstanding) + len(deferred) < self.max_in_flight:
                     index, next_index = next_index, next_index + 1
                     try:
-                        item = self._prepare(index, requests[index], f"{call_id}-{index}", progress_events)
+                        item = items.build(index, requests[index], f"{call_id}-{index}", progress_events)
                         if not self._send_frames(item.frames):
                             raise TransportError(f"the queue towards the broker at {self.address} is full",
                                                  code="queue_full")
@@ -317,7 +258,7 @@ class GeometryClient:
             if outstanding and self._socket is not None:
                 self._send(protocol.Cancel(request_ids=list(outstanding)))
 
-    def _expire_deadlines(self, outstanding: dict[str, _Item], deferred: dict[str, _Item],
+    def _expire_deadlines(self, outstanding: dict[str, Item], deferred: dict[str, Item],
                           finished: set[str]) -> Iterator[GeometryEvent]:
         """Fail the items past their deadline here, even while the broker keeps
         answering (it fails them too; this is the client's own guard), and
@@ -337,7 +278,7 @@ class GeometryClient:
                                    "broker sent its result", code="timeout")
             yield final_event(failure(item.index, item.request, error))
 
-    def _resend_deferred(self, deferred: dict[str, _Item], outstanding: dict[str, _Item]) -> None:
+    def _resend_deferred(self, deferred: dict[str, Item], outstanding: dict[str, Item]) -> None:
         """Send again the refused items whose retry-after has passed."""
         now = time.monotonic()
         for request_id in [r for r, item in deferred.items() if item.resend_at <= now]:
@@ -347,8 +288,8 @@ class GeometryClient:
             item.sent_at = now
             outstanding[request_id] = item
 
-    def _handle(self, command: Command, message: Any, outstanding: dict[str, _Item],
-                finished: set[str], deferred: dict[str, _Item]) -> Iterator[GeometryEvent]:
+    def _handle(self, command: Command, message: Any, outstanding: dict[str, Item],
+                finished: set[str], deferred: dict[str, Item]) -> Iterator[GeometryEvent]:
         if command == Command.HEARTBEAT:
             for request_id in message.unknown:
                 item = outstanding.get(request_id)
@@ -380,7 +321,7 @@ class GeometryClient:
             item = outstanding.pop(message.request_id, None)
             if item is None:
                 return  # a result for an earlier, abandoned batch
-            retry_after_s = _busy_retry_after_s(message)
+            retry_after_s = busy_retry_after_s(message)
             if retry_after_s is not None:
                 # The broker holds as much as it may: not this item's failure. Send it
                 # again later (a little jitter, so refused clients do not return in step).
@@ -392,7 +333,7 @@ class GeometryClient:
             finished.add(message.request_id)
             yield final_event(self._finish(item, message))
 
-    def _finish(self, item: _Item, message: protocol.Result) -> GeometryResult:
+    def _finish(self, item: Item, message: protocol.Result) -> GeometryResult:
         """Write the result's files and build the GeometryResult."""
         info = dict(message.info)
         debug_files = info.pop("debug_files", None)
@@ -425,76 +366,3 @@ class GeometryClient:
             result.ok, result.stage, result.error_code = False, "input", "write_failed"
             result.error = f"cannot write the SDF package into {item.output_dir}: {exc}"
         return result
-
-    # --- client-side checks -------------------------------------------------------
-
-    def _prepare(self, index: int, request: GeometryRequest, request_id: str, progress_events: bool = True) -> _Item:
-        """Check one request and build its REQUEST frames; raises InputError or TransportError."""
-        checked = check_request(index, request)
-        target = (checked.output_dir.resolve(), checked.stem)
-        if target in self._claimed:
-            raise InputError(f"item {self._claimed[target]} of this batch already writes {checked.stem!r} into "
-                             f"{checked.output_dir}; give this one another output_filename", code="duplicate_output")
-        backend = self._choose_backend(request.backend, checked.kind, checked.path)
-        # The broker checks them too; checked here when the backend is installed
-        # on this side, so a misspelt option never leaves the client.
-        cls = self._backend_class(backend)
-        check_backend_options(backend, cls.options_spec if cls else None, checked.backend_options)
-        timeout_s = request.no_worker_timeout_s
-        message = protocol.ClientRequest(
-            request_id=request_id, backend=backend, input_name=checked.path.name, input_data=checked.data,
-            output_name=checked.stem, prompt=request.prompt, scene_id=request.scene_id,
-            backend_options=checked.backend_options, convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
-            no_worker_timeout_s=None if timeout_s is None else float(timeout_s), events=progress_events,
-            deadline_s=None if request.deadline_s is None else float(request.deadline_s),
-        )
-        self._claimed[target] = index
-        return _Item(index, request, request_id, checked.output_dir, checked.stem, backend,
-                     protocol.encode(message))
-
-    def _choose_backend(self, backend: Any, kind: str, path: Path) -> str:
-        if not isinstance(backend, str) or not backend:
-            raise InputError(f"backend must be a name such as 'auto', got {backend!r}", code="bad_request")
-        if backend == "auto":
-            return "mesh" if kind == "mesh" else self._auto_image_backend()
-        cls = self._backend_class(backend)
-        expected = cls.input_kind if cls is not None else None
-        if expected is not None and expected != kind:
-            raise InputError(
-                f"backend {backend!r} takes {expected} files but {path.name} is {'an' if kind == 'image' else 'a'} "
-                f"{kind}; use backend 'auto' or {'mesh' if kind == 'mesh' else 'an image backend'}",
-                code="wrong_input_kind",
-            )
-        return backend
-
-    def _backend_class(self, backend: str) -> type | None:
-        if backend not in self._classes:
-            self._classes[backend] = local_backend(backend)
-        return self._classes[backend]
-
-    def _auto_image_backend(self) -> str:
-        """The first GPU backend with a live worker at the broker, else silhouette (once per call)."""
-        if self._auto_backend is None:
-            from geomgen.backends import GPU_BACKENDS
-
-            try:
-                alive = self.health().get("backends", {})
-                self._auto_backend = next(
-                    (name for name in GPU_BACKENDS if alive.get(name, {}).get("alive", 0) > 0), "silhouette"
-                )
-            except GeomgenError as exc:
-                self._auto_backend = exc
-        if isinstance(self._auto_backend, GeomgenError):
-            raise self._auto_backend
-        return self._auto_backend
-
-
-def _busy_retry_after_s(result: protocol.Result) -> float | None:
-    """The retry-after of a broker's ``busy`` refusal, else None."""
-    error = result.error if isinstance(result.error, dict) else {}
-    if result.ok or error.get("code") != "busy" or result.attempts:
-        return None
-    value = error.get("retry_after_s")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= defaults.BUSY_RETRY_MAX_S:
-        return defaults.BUSY_RETRY_MIN_S
-    return float(value)

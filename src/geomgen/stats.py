@@ -1,4 +1,5 @@
-"""Counters and running timings behind the broker's health reply.
+"""Counters and running timings behind the broker's health reply and its
+activity line in the log.
 
 Kept apart from the broker loop so the loop only calls ``record_*`` and the
 health query assembles one dict; every duration is in seconds.
@@ -6,13 +7,18 @@ health query assembles one dict; every duration is in seconds.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
+from geomgen import defaults
+
 if TYPE_CHECKING:
     from geomgen.scheduling import RoundRobinQueue
     from geomgen.sdf_pool import SdfPool
+
+log = logging.getLogger("geomgen.broker")
 
 
 @dataclass
@@ -157,3 +163,26 @@ def health_report(
         "in_flight": sum(states.values()),
         "scenes": {name: q.keys() for name, q in queues.items() if q},
     }
+
+
+class ActivityLog:
+    """One INFO line per period that had jobs: done, failed, in flight, queued."""
+
+    def __init__(self, stats: BrokerStats, now: float, interval_s: float = defaults.ACTIVITY_LOG_INTERVAL_S) -> None:
+        self.stats = stats
+        self.interval_s = interval_s
+        self._since = now
+        self._counts = (stats.completed, stats.failed, stats.total.count, stats.total.total_s)
+
+    def maybe_log(self, now: float, in_flight: int, queued: int) -> None:
+        if now - self._since < self.interval_s:
+            return
+        s = self.stats
+        counts = (s.completed, s.failed, s.total.count, s.total.total_s)
+        done, failed = counts[0] - self._counts[0], counts[1] - self._counts[1]
+        if done or failed or in_flight:
+            finished = counts[2] - self._counts[2]
+            mean_s = (counts[3] - self._counts[3]) / finished if finished else 0.0
+            log.info("last %.0f s: %d done, %d failed (mean %.2f s per job); %d in flight, %d waiting in queues",
+                     now - self._since, done, failed, mean_s, in_flight, queued)
+        self._since, self._counts = now, counts
