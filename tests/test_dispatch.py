@@ -894,3 +894,22 @@ def test_a_silent_clients_jobs_are_dropped_and_nothing_is_sent_to_it():
     assert d.admission.client_jobs(CLIENT) == 0
     reply(d, W1, running, 6.5)  # the running job's result is discarded; the next client's job runs
     assert out.take_one(W1, Job).input_name == "alive.png"
+
+
+def test_peer_declared_heartbeats_and_slots_are_clamped():
+    """A GPU worker declaring a 1e9 s heartbeat, an SDF worker declaring 1000
+    slots and a 1e9 s heartbeat: neither is alive forever, and a request still
+    fails no_worker when nothing real serves it."""
+    d, out = dispatcher(client_liveness_s=1e6)  # the client stays; the workers are what is tested
+    d.worker_message(W1, Command.READY, WorkerReady("w1", "fake", "h", 1, heartbeat_interval_s=1e9), 0.0)
+    request(d, "held", now=0.0, want_sdf=False)
+    out.take_one(W1, Job)
+    lost_at = defaults.PEER_HEARTBEAT_MAX_S * LIVENESS + 1.0  # silent past the clamped window
+    d.housekeeping(lost_at)
+    assert d.workers.alive("fake") == 0 and d.stats.backend("fake").lost == 1
+    d.housekeeping(lost_at + SETTINGS["no_worker_timeout_s"] + 0.1)
+    assert final(out, "held")[1].error["code"] == "no_worker"
+    d.sdf_message(Command.READY, SdfStatus("stranger", 1000, 1000, [], "h", 2, heartbeat_interval_s=1e9), 200.0)
+    assert d.sdf.slots == defaults.SDF_MAX_SLOTS
+    d.housekeeping(200.0 + defaults.PEER_HEARTBEAT_MAX_S * LIVENESS + 1.0)
+    assert "stranger" not in d.sdf.workers

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from geomgen.errors import Stage
-from geomgen.jobs import JobRecord, peer_error
+from geomgen.jobs import JobRecord, declared_interval_s, declared_slots, peer_error
 from geomgen.protocol import Command, EventKind, JobResult, JobState, SdfJob, SdfResult, error_dict
 from geomgen.scheduling import SDF_POOL, GpuWorkerRecord
 
@@ -68,8 +68,10 @@ class SdfStage:
                 self.stats.dropped_messages += 1
                 log.warning("dropped an SDF status without worker_id")
                 return
-            if self.sdf.status(msg.worker_id, msg.slots, msg.free, msg.held, now, hostname=msg.hostname, pid=msg.pid,
-                               heartbeat_interval_s=msg.heartbeat_interval_s):
+            peer = f"SDF worker {msg.worker_id}"
+            if self.sdf.status(msg.worker_id, declared_slots(msg.slots, peer), msg.free, msg.held, now,
+                               hostname=msg.hostname, pid=msg.pid,
+                               heartbeat_interval_s=declared_interval_s(msg.heartbeat_interval_s, peer)):
                 log.info("SDF worker %s ready: %d slots on %s (pid %d)", msg.worker_id, msg.slots, msg.hostname, msg.pid)
             self.pump_sdf(now)
         elif command is Command.FINAL:

@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from geomgen.errors import Stage
-from geomgen.jobs import peer_error
+from geomgen.jobs import declared_interval_s, peer_error
 from geomgen.optionspec import specs_from_wire
 from geomgen.protocol import Command, Disconnect, EventKind, JobResult, JobState, WorkerReady, error_dict
 from geomgen.scheduling import GpuWorkerRecord
@@ -78,7 +78,9 @@ class GpuWorkers:
                         "where they run", msg.worker_id, exc)
             specs = None
         worker = GpuWorkerRecord(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
-                                 option_specs=specs, last_seen=now, heartbeat_interval_s=msg.heartbeat_interval_s,
+                                 option_specs=specs, last_seen=now,
+                                 heartbeat_interval_s=declared_interval_s(msg.heartbeat_interval_s,
+                                                                          f"GPU worker {msg.worker_id}"),
                                  heartbeat_due=now + self.heartbeat_interval_s * random.uniform(0.5, 1.0))
         running = _running_job(msg.info.get("running_job"))
         replaced = self.workers.add(worker)

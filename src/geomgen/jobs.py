@@ -10,11 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import logging
+
 import msgpack
 
-from geomgen import contract
+from geomgen import contract, defaults
 from geomgen.errors import InputError, Stage
 from geomgen.protocol import ClientRequest, JobState
+
+log = logging.getLogger("geomgen.broker")
 
 
 @dataclass
@@ -120,3 +124,33 @@ def peer_error(error: object, stage: Stage, code: str, fallback: str) -> dict[st
         "code": error.get("code") if isinstance(error.get("code"), str) and error.get("code") else code,
         "message": error.get("message") if isinstance(error.get("message"), str) and error.get("message") else fallback,
     }
+
+
+def declared_interval_s(value: float, peer: str) -> float:
+    """A peer's declared heartbeat interval, clamped to PEER_HEARTBEAT_MIN_S ..
+    PEER_HEARTBEAT_MAX_S (logged when it was not): a peer declaring 1e9 s would
+    otherwise be alive forever to the liveness rule."""
+    clamped = min(defaults.PEER_HEARTBEAT_MAX_S, max(defaults.PEER_HEARTBEAT_MIN_S, value))
+    if clamped != value and _first_time(peer, "interval"):
+        log.warning("%s declared a heartbeat interval of %r s; using %g s", peer, value, clamped)
+    return clamped
+
+
+def declared_slots(value: int, peer: str) -> int:
+    """An SDF worker's declared slot count, clamped to 0 .. SDF_MAX_SLOTS (logged when it was not)."""
+    clamped = min(defaults.SDF_MAX_SLOTS, max(0, value))
+    if clamped != value and _first_time(peer, "slots"):
+        log.warning("%s declared %r conversion slots; using %d", peer, value, clamped)
+    return clamped
+
+
+_LOGGED: set[tuple[str, str]] = set()  # (peer, what) already logged as clamped, so a status stream logs once
+
+
+def _first_time(peer: str, what: str) -> bool:
+    if (peer, what) in _LOGGED:
+        return False
+    if len(_LOGGED) > 10_000:  # bounded whatever strangers declare
+        _LOGGED.clear()
+    _LOGGED.add((peer, what))
+    return True
