@@ -311,3 +311,7 @@ from geomgen import cli_tasks  # noqa: E402
 
 for _command in (cli_tasks.generate, cli_tasks.demo, cli_tasks.health, cli_tasks.convert, cli_tasks.doctor):
     cli.add_command(_command)
+
+from geomgen import cli_keys  # noqa: E402
+
+cli.add_command(cli_keys.keys)
