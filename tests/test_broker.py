@@ -221,8 +221,8 @@ def test_a_new_request_is_dispatched_ahead_of_a_backlog_of_results(endpoints, pe
                 order.append(("final", message.request_id))
             return to_client(identity, message)
 
-        def first_result_brings_a_request(frames):
-            on_worker(frames)
+        def first_result_brings_a_request(frames, key=None):
+            on_worker(frames, key)
             if len(order) == 1 and order[0][0] == "final":
                 client.request("r3", want_sdf=False, events=False)
                 assert broker._client.poll(5000), "r3 never reached the broker"
@@ -247,8 +247,8 @@ def test_a_flood_of_requests_holds_results_back_only_so_long(endpoints, peers):
         handled = []
         on_worker, on_client = broker._on_worker, broker._on_client
 
-        def worker_message(frames):
-            on_worker(frames)
+        def worker_message(frames, key=None):
+            on_worker(frames, key)
             if bytes(frames[1])[protocol.HEADER_LEN - 1] == Command.FINAL:
                 handled.append("result")
                 if handled.count("result") == 1:  # a batch of 200 arrives behind the first result
@@ -256,8 +256,8 @@ def test_a_flood_of_requests_holds_results_back_only_so_long(endpoints, peers):
                         client.request(f"flood{n}", want_sdf=False, events=False)
                     time.sleep(0.3)
 
-        def client_message(frames):
-            on_client(frames)
+        def client_message(frames, key=None):
+            on_client(frames, key)
             handled.append("request")
 
         broker._on_worker, broker._on_client = worker_message, client_message

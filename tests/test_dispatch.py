@@ -617,20 +617,34 @@ def test_a_results_only_request_gets_glb_ready_and_final():
 
 
 def test_an_sdf_job_handed_back_busy_is_pushed_again_uncounted():
-    """PUSH may hand a job to a worker whose slots are all taken; it answers
-    "busy" and the broker pushes the same attempt again, to whoever is next."""
+    """A job sent on a stale status finds every slot taken; the worker answers
+    "busy" and the broker sends the same attempt again, to whoever has credit."""
     d, out = dispatcher(max_retries=0)
     sdf_status(d, "s1", 0.0, command=Command.READY)
     glb_ready(d, out, "r1", 0.0)
     first = out.take_one("sdf", SdfJob)
     busy = {"stage": "convert", "code": "busy", "message": "no free conversion slot on this SDF worker"}
-    sdf_reply(d, "s2", first, 1.0, ok=False, error=busy)
+    sdf_reply(d, "s1", first, 1.0, ok=False, error=busy)
     again = out.take_one("sdf", SdfJob)
     assert (again.job_id, again.attempt) == (first.job_id, first.attempt)
     sdf_reply(d, "s1", again, 2.0)
     events, result = final(out)
     assert result.ok and result.attempts == 1 and "retrying" not in kinds(events)
     assert d.stats.failed == 0
+
+
+def test_an_sdf_result_from_a_worker_the_job_was_not_sent_to_is_dropped():
+    d, out = dispatcher()
+    sdf_status(d, "s1", 0.0, command=Command.READY)
+    sdf_status(d, "s2", 0.0, command=Command.READY)
+    glb_ready(d, out, "r1", 0.0)
+    job = out.take_one("sdf", SdfJob)
+    holder = out.sdf_to[-1]
+    stranger = "s2" if holder == "s1" else "s1"
+    sdf_reply(d, stranger, job, 1.0)  # a forged or confused result: not the lease holder's
+    assert no_final(out) and d.stats.stale_results == 1
+    sdf_reply(d, holder, job, 2.0)
+    assert final(out)[1].ok
 
 
 def test_an_sdf_error_is_forwarded():

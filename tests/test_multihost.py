@@ -92,14 +92,29 @@ def host_procs(tmp_path):
 
 
 def test_broker_on_one_host_workers_and_client_on_another(two_hosts, host_procs, tmp_path):
+    """With CURVE keys, as a broker facing a network must run: each peer with a
+    key of its role, made by `geomgen keys`."""
     hub, box = two_hosts
-    broker = host_procs.start(hub, "broker", "--host", "0.0.0.0")
-    host_procs.start(box, "gpu-worker", "--backend", "mesh", "--broker", HUB_ADDRESS)
-    host_procs.start(box, "gpu-worker", "--backend", "silhouette", "--broker", f"tcp://{HUB_ADDRESS}:5555")
-    host_procs.start(box, "sdf-worker", "--broker", f"{HUB_ADDRESS}:5555", "--procs", "2")
+    keys = tmp_path / "keys"
+    for args in (["init", str(keys)], ["add", "gpu-worker", "gpu1", "--keys", str(keys)],
+                 ["add", "sdf-worker", "cpu1", "--keys", str(keys)], ["add", "client", "me", "--keys", str(keys)]):
+        done = subprocess.run([sys.executable, "-m", "geomgen", "keys", *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    def key(role: str, name: str) -> list[str]:
+        return ["--key", str(keys / role / f"{name}.key_secret"), "--broker-key", str(keys / "broker.key")]
+
+    broker = host_procs.start(hub, "broker", "--host", "0.0.0.0", "--keys", str(keys))
+    host_procs.start(box, "gpu-worker", "--backend", "mesh", "--broker", HUB_ADDRESS, *key("gpu-workers", "gpu1"))
+    host_procs.start(box, "gpu-worker", "--backend", "silhouette", "--broker", f"tcp://{HUB_ADDRESS}:5555",
+                     *key("gpu-workers", "gpu1"))
+    host_procs.start(box, "sdf-worker", "--broker", f"{HUB_ADDRESS}:5555", "--procs", "2", *key("sdf-workers", "cpu1"))
+    client_key = key("clients", "me")
 
     def stack_ready():
-        done = host_procs.run(box, "health", "--broker", HUB_ADDRESS, "--json", "--timeout", "2", timeout_s=30)
+        done = host_procs.run(box, "health", "--broker", HUB_ADDRESS, "--json", "--timeout", "2", *client_key,
+                              timeout_s=30)
         if done.returncode != 0:
             return None
         stats = json.loads(done.stdout)
@@ -109,13 +124,17 @@ def test_broker_on_one_host_workers_and_client_on_another(two_hosts, host_procs,
     stats = wait_for(stack_ready, timeout_s=90, interval_s=0.5, what="workers on the other host to register")
     assert broker.poll() is None
     assert {w["backend"] for w in stats["workers"]} == {"mesh", "silhouette"}
+    assert all("worker_id" not in w and "job_id" not in w for w in stats["workers"])  # HEALTH names no peer
 
     out = tmp_path / "out"
     image = sorted(SAMPLES.glob("*.png"))[0]
     done = host_procs.run(box, "generate", str(SAMPLES / "table.glb"), str(image), "--out", str(out),
-                          "--broker", HUB_ADDRESS, "--collision", "hull", "--json")
+                          "--broker", HUB_ADDRESS, "--collision", "hull", "--json", *client_key)
     assert done.returncode == 0, done.stderr[-2000:]
     results = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
     assert [r["status"] for r in results] == ["ok", "ok"], results
     for result in results:
         validate_sdf(Path(result["sdf_path"]))
+    # Without a key, the same command gets nothing from the broker: its handshake is refused.
+    done = host_procs.run(box, "health", "--broker", HUB_ADDRESS, "--timeout", "2", timeout_s=30)
+    assert done.returncode != 0 and "no answer from the broker" in done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -19,8 +20,10 @@ import zmq
 
 from geomgen import __version__, defaults, protocol
 from geomgen.admission import Limits
+from geomgen.broker_auth import BrokerAuth, KeyBinding, user_id
+from geomgen.keys import BrokerKeys
 from geomgen.dispatch import Dispatcher
-from geomgen.endpoints import Endpoints
+from geomgen.endpoints import Endpoints, is_loopback
 from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import ProtocolError, Stage, TransportError
 from geomgen.jobs import peek_request_id
@@ -74,6 +77,8 @@ class Broker:
         limits: Limits | None = None,
         client_liveness_s: float = defaults.CLIENT_LIVENESS_S,
         client_send_hwm: int = defaults.CLIENT_SEND_HWM,
+        keys: BrokerKeys | None = None,
+        insecure: bool = False,
         context: zmq.Context | None = None,
     ) -> None:
         if known_backends is None:
@@ -115,17 +120,34 @@ class Broker:
         self._next_trim = now + TRIM_INTERVAL_S
         self._held_at_trim = (0, 0)  # (jobs, bytes) held at the last look
         self.client_send_hwm = client_send_hwm
+        self.keys = keys
+        self.insecure = insecure
+        self._auth: BrokerAuth | None = None
+        self._client_keys = KeyBinding("client")  # a client's routing identity -> its key
         self._tick_s = min(HOUSEKEEPING_MAX_S, heartbeat_interval_s / 4)
         self._next_housekeeping = now
 
     # --- life cycle ------------------------------------------------------------
 
     def bind(self) -> None:
-        """Bind the four sockets; raises TransportError naming an address in use."""
+        """Bind the four sockets, CURVE servers when the broker has keys; raises
+        TransportError naming an address in use, or refusing to face a network
+        without keys (unless ``insecure``)."""
         if self._sockets:
             return
         ep = self.endpoints
         host = ep.bind_host()
+        if self.keys is None and not is_loopback(host):
+            if not self.insecure:
+                raise TransportError(
+                    f"the broker would listen on {host} without keys: anyone who can reach it could read and "
+                    "forge assets; make keys with `geomgen keys init DIR` and start it with --keys DIR, or "
+                    "pass --insecure on a network you trust", code="insecure")
+            log.warning("INSECURE: listening on %s with no encryption and no authentication (--insecure); "
+                        "anyone who can reach these ports can read inputs and forge assets", host)
+        if self.keys is not None:
+            self._auth = BrokerAuth(self._ctx, self.keys)
+            self._auth.start()
         for name, kind, port in (
             ("client", zmq.ROUTER, ep.client_port),
             ("worker", zmq.ROUTER, ep.worker_port),
@@ -136,6 +158,8 @@ class Broker:
             self._sockets.append(sock)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.max_bytes[name])
+            if self._auth is not None:
+                self._auth.secure(sock, name)
             if ":" in host:
                 sock.setsockopt(zmq.IPV6, 1)
             if kind == zmq.ROUTER:
@@ -169,6 +193,9 @@ class Broker:
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets = []
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_context:
             self._ctx.term()
             self._own_context = False
@@ -215,6 +242,13 @@ class Broker:
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_INTERVAL_S
                 self._return_memory()
+            if self._auth is not None:
+                self._auth.maybe_reload(now)  # an allow-list changed on disk takes effect without a restart
+
+    def reload_keys(self) -> None:
+        """Read the allow-lists again now (SIGHUP)."""
+        if self._auth is not None:
+            self._auth.reload()
 
     def _return_memory(self) -> None:
         """After a flood has drained, hand the freed heap back to the system:
@@ -235,14 +269,23 @@ class Broker:
         for _ in range(limit):
             if yield_to_clients and client.getsockopt(_EVENTS) & _POLLIN:
                 self._drain(client, self._on_client, copy=True, limit=CLIENT_YIELD_BATCH)
+            key = None
             try:
-                frames = [sock.recv(_NOBLOCK, copy=copy)]
+                if self._auth is None:
+                    frames = [sock.recv(_NOBLOCK, copy=copy)]
+                else:  # the first frame as a Frame, for the key it came with (ZAP User-Id)
+                    first = sock.recv(_NOBLOCK, copy=False)
+                    key = user_id(first)
+                    frames = [first.bytes if copy else first]
             except zmq.Again:
                 return
             while sock.getsockopt(_RCVMORE):  # the rest of a multipart message is already here
                 frames.append(sock.recv(_NOBLOCK, copy=copy))
+            if self._auth is not None and not self._auth.admits(sock, key):
+                self.dispatcher.stats.dropped_messages += 1  # revoked since it connected
+                continue
             try:
-                handler(frames)
+                handler(frames, key)
             except Exception:  # one message must never stop the broker
                 self.dispatcher.stats.dropped_messages += 1
                 log.exception("error while handling a message; dropped it")
@@ -257,16 +300,20 @@ class Broker:
             "endpoints": {"client": ep.client, "worker": ep.worker, "sdf_job": ep.sdf_job, "sdf_result": ep.sdf_result},
             "admission": d.admission.summary(),
         }
-        return health_report(
+        report = health_report(
             d.stats, time.monotonic(), header=header, backend_names=d.available_backends(),
             workers=list(d.workers), sdf=d.sdf, queues=d.queues,
             job_states=[job.state.value for job in d.jobs.values()],
         )
+        return redacted(report) if self.keys is not None else report
 
     # --- receiving -----------------------------------------------------------------
 
-    def _on_client(self, frames: list) -> None:
+    def _on_client(self, frames: list, key: str | None = None) -> None:
         d = self.dispatcher
+        if frames and not self._client_keys.matches(bytes(frames[0]), key):
+            d.stats.dropped_messages += 1  # another key's identity: not this peer's to use
+            return
         try:
             identity, rest = protocol.split_identity(frames)
             command, msg = protocol.decode(rest, protocol.CLIENT_TO_BROKER, self.max_bytes["client"])
@@ -282,7 +329,8 @@ class Broker:
             return
         now = time.monotonic()
         if command is Command.HEARTBEAT and msg.owner is not None:
-            d.client_seen(bytes(msg.owner), now)  # a client's pulse: liveness only, no answer
+            if self._client_keys.matches(bytes(msg.owner), key):
+                d.client_seen(bytes(msg.owner), now)  # a client's pulse: liveness only, no answer
             return
         d.client_seen(identity, now)
         if command is Command.REQUEST:
@@ -294,7 +342,7 @@ class Broker:
         elif command is Command.CANCEL:
             d.cancel(identity, msg.request_ids, now)
 
-    def _on_worker(self, frames: list) -> None:
+    def _on_worker(self, frames: list, key: str | None = None) -> None:
         try:
             identity, rest = protocol.split_identity(frames)
             command, msg = protocol.decode(rest, protocol.WORKER_TO_BROKER, self.max_bytes["worker"])
@@ -306,16 +354,16 @@ class Broker:
             if len(head) == protocol.HEADER_LEN and head[4] == Command.FINAL:
                 self.dispatcher.worker_result_unreadable(identity, str(exc), time.monotonic())
             return
-        self.dispatcher.worker_message(identity, command, msg, time.monotonic())
+        self.dispatcher.worker_message(identity, command, msg, time.monotonic(), key)
 
-    def _on_sdf(self, frames: list) -> None:
+    def _on_sdf(self, frames: list, key: str | None = None) -> None:
         try:
             command, msg = protocol.decode(frames, protocol.SDF_TO_BROKER, self.max_bytes["sdf_pull"])
         except ProtocolError as exc:
             self.dispatcher.stats.dropped_messages += 1
             log.warning("dropped a message on the SDF result socket: %s", exc)
             return
-        self.dispatcher.sdf_message(command, msg, time.monotonic())
+        self.dispatcher.sdf_message(command, msg, time.monotonic(), key)
 
     # --- sending (the dispatcher's Outbox) ----------------------------------------
 
@@ -352,10 +400,21 @@ class Broker:
             log.info("could not reach SDF worker %s on the job socket: %s", worker_id, exc)
             return False
 
-    def _on_sdf_jobs_socket(self, frames: list) -> None:
+    def _on_sdf_jobs_socket(self, frames: list, key: str | None = None) -> None:
         # SDF workers only receive on this socket; anything sent here is dropped.
         self.dispatcher.stats.dropped_messages += 1
         log.warning("dropped a message sent to the SDF job socket by %s", bytes(frames[0]).hex() if frames else "?")
+
+
+def redacted(report: dict) -> dict:
+    """A health report without what could be used to impersonate a peer or
+    address its jobs (worker ids, job ids, client identities in scene keys):
+    counts, timings and workers' host names stay."""
+    out = dict(report)
+    out["workers"] = [{k: v for k, v in w.items() if k not in ("worker_id", "job_id")} for w in report["workers"]]
+    out["sdf_workers"] = [{k: v for k, v in w.items() if k != "worker_id"} for w in report["sdf_workers"]]
+    out["scenes"] = {name: len(keys) for name, keys in report["scenes"].items()}
+    return out
 
 
 def release_free_heap() -> bool:
@@ -388,8 +447,12 @@ def serve(endpoints: Endpoints, **settings: Any) -> int:
     except TransportError as exc:
         log.error("%s", exc)
         return 1
-    log.info("broker %s listening: clients %s, GPU workers %s, SDF jobs %s, SDF results %s",
-             broker.broker_id, endpoints.client, endpoints.worker, endpoints.sdf_job, endpoints.sdf_result)
+    log.info("broker %s listening: clients %s, GPU workers %s, SDF jobs %s, SDF results %s%s",
+             broker.broker_id, endpoints.client, endpoints.worker, endpoints.sdf_job, endpoints.sdf_result,
+             f"; CURVE keys from {broker.keys.folder}" if broker.keys else "")
+    if broker.keys is not None and threading.current_thread() is threading.main_thread():
+        # SIGHUP re-reads the allow-lists now (they are also re-read when their folders change).
+        signal.signal(signal.SIGHUP, lambda *_: broker.reload_keys())
     try:
         with stop_on_signals(log) as stop:
             broker.run(stop)

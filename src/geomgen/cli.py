@@ -73,6 +73,22 @@ def backend_options_option(fn):
     )(fn)
 
 
+def peer_keys_option(fn):
+    """--key / --broker-key: a peer's CURVE keys for a broker started with --keys."""
+    fn = click.option("--broker-key", envvar="GEOMGEN_BROKER_KEY", metavar="FILE",
+                      help="The broker's public key (broker.key) [env GEOMGEN_BROKER_KEY].")(fn)
+    return click.option("--key", envvar="GEOMGEN_KEY", metavar="FILE",
+                        help="This peer's secret key file (NAME.key_secret from `geomgen keys add`) "
+                             "[env GEOMGEN_KEY].")(fn)
+
+
+def peer_keys(key: str | None, broker_key: str | None):
+    """The PeerKeys the flags name, or None; InputError (one line, exit 2) if only one is given or a file is bad."""
+    from geomgen.keys import peer_keys_from_env
+
+    return peer_keys_from_env(key, broker_key)
+
+
 def verbose_option(fn):
     return click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")(fn)
 
@@ -190,15 +206,26 @@ def main() -> None:
               show_default=True, help="Seconds a client holding jobs may be silent before its jobs are dropped.")
 @click.option("--client-send-hwm", type=click.IntRange(min=1), default=defaults.CLIENT_SEND_HWM, show_default=True,
               help="Messages queued for a client that does not read before more are dropped.")
+@click.option("--keys", "keys_dir", envvar="GEOMGEN_KEYS", type=click.Path(file_okay=False, path_type=Path),
+              help="Key folder from `geomgen keys init`: CURVE on every port, peers allowed by role "
+                   "[env GEOMGEN_KEYS]. Required off loopback unless --insecure.")
+@click.option("--insecure", is_flag=True,
+              help="Listen off loopback without keys: anyone who reaches the ports can read and forge assets.")
 @verbose_option
 def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, heartbeat_interval, liveness,
            max_retries, no_worker_timeout, sdf_lease, max_jobs, max_bytes, max_client_jobs, max_client_bytes,
-           client_liveness, client_send_hwm, verbose) -> None:
+           client_liveness, client_send_hwm, keys_dir, insecure, verbose) -> None:
     """Run the broker: the only process that binds (four ports from --port).
 
-    Example: geomgen broker --host 0.0.0.0 --port 5555
+    \b
+    Examples:
+      geomgen broker                                    # loopback only, no keys needed
+      geomgen keys init keys/ && geomgen broker --host 0.0.0.0 --keys keys/
     """
     from geomgen import broker as broker_role
+    from geomgen.keys import load_broker_keys
+
+    keys = load_broker_keys(keys_dir) if keys_dir is not None else None
 
     base = Endpoints.from_base(host, port)
     overrides = {"client_port": client_port, "worker_port": worker_port, "sdf_job_port": sdf_job_port,
@@ -209,7 +236,8 @@ def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, 
                                max_retries=max_retries, no_worker_timeout_s=no_worker_timeout,
                                sdf_lease_s=sdf_lease,
                                limits=Limits(max_jobs, max_bytes, max_client_jobs, max_client_bytes),
-                               client_liveness_s=client_liveness, client_send_hwm=client_send_hwm))
+                               client_liveness_s=client_liveness, client_send_hwm=client_send_hwm,
+                               keys=keys, insecure=insecure))
 
 
 @cli.command("gpu-worker")
@@ -226,9 +254,10 @@ def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, 
 @click.option("--generate-timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Seconds one job may run before the backend process is killed and reloaded (default: the "
                    "backend's own, 300 for CPU backends, 1800 for GPU ones); a request's deadline may ask for less.")
+@peer_keys_option
 @verbose_option
 def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_interval, liveness, worker_id,
-               generate_timeout, verbose) -> None:
+               generate_timeout, key, broker_key, verbose) -> None:
     """Run one GPU worker: loads its backend once, then one job at a time.
 
     Example: geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker hub:5555
@@ -240,7 +269,7 @@ def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_
     _logging(verbose)
     sys.exit(worker_role.main(backend, endpoints, gpu=gpu, backend_options=backend_options,
                               generate_timeout_s=generate_timeout, heartbeat_interval_s=heartbeat_interval,
-                              heartbeat_liveness=liveness, worker_id=worker_id))
+                              heartbeat_liveness=liveness, worker_id=worker_id, keys=peer_keys(key, broker_key)))
 
 
 @cli.command("sdf-worker")
@@ -254,9 +283,10 @@ def gpu_worker(backend, gpu, endpoints, worker_port, backend_options, heartbeat_
 @click.option("--convert-timeout", type=float, default=defaults.SDF_CONVERT_TIMEOUT_S, show_default=True,
               help="Seconds after which a conversion child is killed and its job fails.")
 @click.option("--worker-id", help="Name in the broker's health report (default: a random id).")
+@peer_keys_option
 @verbose_option
 def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interval, convert_timeout, worker_id,
-               verbose) -> None:
+               key, broker_key, verbose) -> None:
     """Run an SDF worker: converts GLBs to Drake SDF packages, --procs at a time.
 
     Example: geomgen sdf-worker --procs 8 --broker hub
@@ -267,7 +297,8 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interv
     endpoints = Endpoints(**{**endpoints.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     _logging(verbose)
     sys.exit(worker_role.main(endpoints, procs=procs, heartbeat_interval_s=heartbeat_interval,
-                              convert_timeout_s=convert_timeout, worker_id=worker_id))
+                              convert_timeout_s=convert_timeout, worker_id=worker_id,
+                              keys=peer_keys(key, broker_key)))
 
 
 @cli.command()
@@ -284,7 +315,10 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interv
               help="Folder for the processes' logs (default: a new temporary folder).")
 @click.option("--ready-timeout", type=float, default=300.0, show_default=True,
               help="Seconds to wait for every worker to load its backend.")
-def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, ready_timeout) -> None:
+@click.option("--keys", "keys_dir", envvar="GEOMGEN_KEYS", type=click.Path(file_okay=False, path_type=Path),
+              help="Key folder: CURVE for the stack, a key made there for each process started and for a "
+                   "client (clients/serve-client.key_secret) [env GEOMGEN_KEYS]. Needed off loopback.")
+def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, ready_timeout, keys_dir) -> None:
     """Run a broker with its GPU workers and SDF workers; Ctrl-C stops them all.
 
     Example: geomgen serve --backend hunyuan3d --backend mesh --sdf-workers 4
@@ -292,7 +326,7 @@ def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, rea
     from geomgen.server import GeometryServer
 
     server = GeometryServer(backends=backends, sdf_workers=sdf_workers, host=host, base_port=port,
-                            backend_options=backend_options, gpus=gpus or None, log_dir=log_dir)
+                            backend_options=backend_options, gpus=gpus or None, log_dir=log_dir, keys_dir=keys_dir)
     server.start()
     try:
         stats = server.wait_until_ready(ready_timeout)
@@ -302,6 +336,9 @@ def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, rea
     workers = ", ".join(f"{name} x{n['alive']}" for name, n in stats.get("backends", {}).items() if n.get("alive"))
     click.echo(f"geomgen serving on {server.address} ({workers}; {stats.get('sdf_slots', 0)} SDF slots); "
                f"logs in {server.log_dir}; Ctrl-C stops", err=True)
+    if keys_dir is not None:
+        click.echo(f"geomgen: CURVE on; a client key: --key {keys_dir}/clients/serve-client.key_secret "
+                   f"--broker-key {keys_dir}/broker.key", err=True)
     sys.exit(server.serve_forever())
 
 

@@ -21,6 +21,8 @@ from geomgen.cli import (
     backend_options_option,
     broker_option,
     convert_options,
+    peer_keys,
+    peer_keys_option,
 )
 from geomgen.errors import GeomgenError
 
@@ -63,13 +65,14 @@ def _image_backend() -> str:
 
 @contextlib.contextmanager
 def broker_address(endpoints, backends: list[str], backend_options: dict, sdf_workers: int,
-                   timeout_s: float) -> Iterator[str]:
-    """The broker to talk to: ``endpoints`` if given, else an embedded stack running ``backends``."""
+                   timeout_s: float, keys=None) -> Iterator[tuple[str, Any]]:
+    """(address, CURVE keys) of the broker to talk to: ``endpoints`` with ``keys``
+    if given, else an embedded stack running ``backends`` (loopback, no keys)."""
     if endpoints is not None:
-        yield endpoints.client
+        yield endpoints.client, keys
         return
     if not backends:
-        yield f"tcp://{defaults.HOST}:{defaults.CLIENT_PORT}"  # nothing will be sent
+        yield f"tcp://{defaults.HOST}:{defaults.CLIENT_PORT}", None  # nothing will be sent
         return
     from geomgen.server import GeometryServer
 
@@ -79,19 +82,20 @@ def broker_address(endpoints, backends: list[str], backend_options: dict, sdf_wo
     try:
         server.start()
         server.wait_until_ready(timeout_s)
-        yield server.address
+        yield server.address, None  # loopback only, no keys
     finally:
         server.stop()
 
 
-def run_batch(address: str, requests: list, timeout_s: float, on_result) -> list:
-    """Send ``requests`` and call ``on_result(result, progress)`` as each completes; returns results by index."""
+def run_batch(address: str, requests: list, timeout_s: float, on_result, keys=None) -> list:
+    """Send ``requests`` and call ``on_result(result, progress)`` as each completes; returns results by index.
+    ``keys``: the client's CURVE keys (keys.PeerKeys) or None."""
     from geomgen.client import FINAL, GeometryClient
     from geomgen.progress import Progress
 
     results: list = [None] * len(requests)
     progress = Progress(len(requests))
-    with GeometryClient(address, timeout_s=timeout_s) as client:
+    with GeometryClient(address, timeout_s=timeout_s, keys=keys) as client:
         try:
             for event in client.generate_events(requests):
                 progress.update(event)
@@ -138,8 +142,9 @@ def _line(result, input_path: Path) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
 @click.option("--timeout", "timeout_s", type=float, default=defaults.CLIENT_TIMEOUT_S, show_default=True,
               help="Seconds of broker silence before outstanding inputs fail.")
+@peer_keys_option
 def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options, no_sdf, sdf_workers, as_json,
-             timeout_s, **convert_params) -> None:
+             timeout_s, key, broker_key, **convert_params) -> None:
     """Turn images (or meshes) into GLBs and Drake SDF packages.
 
     \b
@@ -166,9 +171,9 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
         else:
             progress.print(_line(result, inputs[result.index]))
 
-    with broker_address(endpoints, backends, backend_options, 0 if no_sdf else sdf_workers,
-                        timeout_s=300.0) as address:
-        results = run_batch(address, requests, timeout_s, report)
+    with broker_address(endpoints, backends, backend_options, 0 if no_sdf else sdf_workers, timeout_s=300.0,
+                        keys=peer_keys(key, broker_key)) as (address, keys):
+        results = run_batch(address, requests, timeout_s, report, keys)
     failed = sum(not r.ok for r in results)
     used = sorted({r.backend for r in results if r.ok and r.backend})
     click.echo(f"geomgen: {len(results) - failed} ok, {failed} failed; backend(s) used: {', '.join(used) or '-'}; "
@@ -212,7 +217,7 @@ def demo(out_dir, collision, sdf_workers) -> None:
         options = {"silhouette.height_m": str(height_m)} if height_m and path.suffix.lower() in IMAGE_SUFFIXES else {}
         requests.append(GeometryRequest(image_path=path, output_dir=out_dir, collision=collision,
                                         backend_options=options, material=material))
-    with broker_address(None, choose_backends(inputs, "auto"), {}, sdf_workers, timeout_s=300.0) as address:
+    with broker_address(None, choose_backends(inputs, "auto"), {}, sdf_workers, timeout_s=300.0) as (address, _):
         results = run_batch(address, requests, defaults.CLIENT_TIMEOUT_S, lambda r, p: None)
     header = f"{'input':<14} {'backend':<11} {'status':<7} {'pieces':>6} {'mass kg':>8} {'seconds':>8}  sdf"
     click.echo(header)
@@ -234,14 +239,15 @@ def demo(out_dir, collision, sdf_workers) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the broker's statistics as JSON.")
 @click.option("--timeout", "timeout_s", type=float, default=5.0, show_default=True,
               help="Seconds to wait for the broker's answer.")
-def health(endpoints, as_json, timeout_s) -> None:
+@peer_keys_option
+def health(endpoints, as_json, timeout_s, key, broker_key) -> None:
     """Show the broker's workers, queues and statistics.
 
     Example: geomgen health --broker hub:5555 --json
     """
     from geomgen.client import GeometryClient
 
-    with GeometryClient(endpoints.client, timeout_s=timeout_s) as client:
+    with GeometryClient(endpoints.client, timeout_s=timeout_s, keys=peer_keys(key, broker_key)) as client:
         stats = client.health(timeout_s)
     click.echo(json.dumps(stats, indent=2, sort_keys=True) if as_json else render_health(stats))
 

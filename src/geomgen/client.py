@@ -32,6 +32,7 @@ from geomgen.batch import (
 )
 from geomgen.client_items import Item, ItemBuilder, busy_retry_after_s
 from geomgen.client_pulse import Pulse
+from geomgen.keys import PeerKeys, apply_client_curve, peer_keys_from_env
 from geomgen.errors import GeomgenError, InputError, ProtocolError, TransportError
 from geomgen.protocol import Command, EventKind
 
@@ -48,6 +49,9 @@ class GeometryClient:
         timeout_s: broker silence after which outstanding items fail (stage transport).
         max_in_flight: requests one generate() call keeps outstanding at the broker.
         heartbeat_interval_s: how often a waiting client heartbeats the broker.
+        keys: this client's CURVE keys and the broker's public key (keys.PeerKeys),
+            for a broker started with --keys; "env" (the default): from the files
+            GEOMGEN_KEY and GEOMGEN_BROKER_KEY name, when they are set; None: none.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class GeometryClient:
         timeout_s: float = defaults.CLIENT_TIMEOUT_S,
         max_in_flight: int = defaults.CLIENT_MAX_IN_FLIGHT,
         heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
+        keys: PeerKeys | None | str = "env",
     ) -> None:
         if timeout_s <= 0 or max_in_flight < 1 or heartbeat_interval_s <= 0:
             raise ValueError("timeout_s and heartbeat_interval_s must be > 0 and max_in_flight >= 1")
@@ -63,6 +68,7 @@ class GeometryClient:
         self.timeout_s = float(timeout_s)
         self.max_in_flight = int(max_in_flight)
         self.heartbeat_interval_s = float(heartbeat_interval_s)
+        self.keys: PeerKeys | None = peer_keys_from_env(None, None) if keys == "env" else keys
         # The broker keys requests by (identity, request_id): one identity for the
         # client's life lets a re-sent request be recognised after a reconnect.
         self.identity = b"client-" + uuid.uuid4().hex.encode()
@@ -76,6 +82,8 @@ class GeometryClient:
 
     def _connect(self) -> None:
         sock = self._context.socket(zmq.DEALER)
+        if self.keys is not None:
+            apply_client_curve(sock, self.keys)
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.LINGER, 0)
@@ -185,7 +193,7 @@ class GeometryClient:
         retrying events).
         """
         requests = list(requests)
-        pulse = Pulse(self._context, self.address, self.identity, self.heartbeat_interval_s)
+        pulse = Pulse(self._context, self.address, self.identity, self.heartbeat_interval_s, self.keys)
         self._pulses.add(pulse)
         pulse.start()
         try:

@@ -9,6 +9,7 @@ import threading
 import zmq
 
 from geomgen import protocol
+from geomgen.keys import PeerKeys, apply_client_curve
 
 
 class Pulse:
@@ -17,8 +18,9 @@ class Pulse:
     between two results (placing a chair in its scene) is not taken for gone
     by the broker, whose liveness window drops the jobs of silent clients."""
 
-    def __init__(self, context: zmq.Context, address: str, owner: bytes, interval_s: float) -> None:
-        self._context, self._address, self._interval_s = context, address, interval_s
+    def __init__(self, context: zmq.Context, address: str, owner: bytes, interval_s: float,
+                 keys: PeerKeys | None = None) -> None:
+        self._context, self._address, self._interval_s, self._keys = context, address, interval_s, keys
         self._frames = protocol.encode(protocol.ClientHeartbeat(owner=owner))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="geomgen-client-pulse", daemon=True)
@@ -32,6 +34,8 @@ class Pulse:
 
     def _run(self) -> None:
         sock = self._context.socket(zmq.DEALER)
+        if self._keys is not None:
+            apply_client_curve(sock, self._keys)  # the client's own key: the broker binds the pulse to it
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 2)  # a heartbeat that cannot leave now is stale later
         sock.connect(self._address)

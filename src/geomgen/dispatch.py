@@ -10,6 +10,7 @@ Dispatcher is in dispatch_workers.py, dispatch_sdf.py and dispatch_guards.py.
 from __future__ import annotations
 
 import itertools
+import secrets
 import logging
 from typing import Any, Iterable, Protocol
 
@@ -90,8 +91,8 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
         self.clients_seen: dict[bytes, float] = {}  # last message from each client holding jobs
         self.admission = Admission(limits or Limits(defaults.MAX_HELD_JOBS, defaults.MAX_HELD_BYTES,
                                                     defaults.MAX_CLIENT_JOBS, defaults.MAX_CLIENT_BYTES))
-        # Job ids: this broker's id and a counter, unique across broker restarts and
-        # cheaper than a uuid per job.
+        # Job ids: this broker's id and a counter, unique across broker restarts, and
+        # 48 random bits (see request()).
         self._job_numbers = itertools.count(1)
         self._job_prefix = broker_id[:12] + "-"
         self._activity = ActivityLog(self.stats, now)
@@ -126,7 +127,9 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
         if self._admission_refused(identity, req, size_bytes):
             return
         timeout_s = self.no_worker_timeout_s if req.no_worker_timeout_s is None else float(req.no_worker_timeout_s)
-        job_id = f"{self._job_prefix}{next(self._job_numbers):x}"
+        # The counter keeps ids unique; the random part keeps them unguessable
+        # (a result names its job: knowing the next id must not let a peer forge one).
+        job_id = f"{self._job_prefix}{next(self._job_numbers):x}-{secrets.token_hex(6)}"
         job = JobRecord(job_id, identity, req, terms, req.scene_id or f"client:{identity.hex()}",
                         accepted_at=now, no_worker_timeout_s=timeout_s)
         self.jobs[job.job_id] = job

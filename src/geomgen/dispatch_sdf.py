@@ -61,8 +61,14 @@ class SdfStage:
             self._event(job, EventKind.CONVERTING, attempt=attempt, detail=f"sent to SDF worker {worker_id}",
                         worker=worker_id)
 
-    def sdf_message(self, command: Command, msg: Any, now: float) -> None:
-        """A decoded message from an SDF worker."""
+    def sdf_message(self, command: Command, msg: Any, now: float, key: str | None = None) -> None:
+        """A decoded message from an SDF worker; ``key`` is the CURVE key it came with (None without keys)."""
+        registered = self.sdf.workers.get(getattr(msg, "worker_id", ""))
+        if registered is not None and registered.key != key:
+            # Statuses, results and goodbyes of a worker id come from the key that registered it.
+            self.stats.dropped_messages += 1
+            log.debug("dropped an SDF %s for worker %s sent with another key", command.name, msg.worker_id)
+            return
         if command in (Command.READY, Command.HEARTBEAT):
             if not msg.worker_id:
                 self.stats.dropped_messages += 1
@@ -71,7 +77,7 @@ class SdfStage:
             peer = f"SDF worker {msg.worker_id}"
             if self.sdf.status(msg.worker_id, declared_slots(msg.slots, peer), msg.free, msg.held, now,
                                hostname=msg.hostname, pid=msg.pid,
-                               heartbeat_interval_s=declared_interval_s(msg.heartbeat_interval_s, peer)):
+                               heartbeat_interval_s=declared_interval_s(msg.heartbeat_interval_s, peer), key=key):
                 log.info("SDF worker %s ready: %d slots on %s (pid %d)", msg.worker_id, msg.slots, msg.hostname, msg.pid)
             self.pump_sdf(now)
         elif command is Command.FINAL:
@@ -86,7 +92,7 @@ class SdfStage:
             worker.last_seen = now
             worker.completed += res.ok
             worker.failed += not res.ok and not bounced
-        current = self.sdf.finished(res.job_id, res.attempt)
+        current = self.sdf.finished(res.job_id, res.attempt, res.worker_id)
         job = self.jobs.get(res.job_id)
         if not current or job is None or job.state is not JobState.CONVERTING or job.sdf_attempt != res.attempt:
             self.stats.stale_results += 1

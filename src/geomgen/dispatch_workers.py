@@ -22,12 +22,15 @@ log = logging.getLogger("geomgen.broker")
 class GpuWorkers:
     """Dispatcher methods for what GPU workers say and for losing one."""
 
-    def worker_message(self, identity: bytes, command: Command, msg: Any, now: float) -> None:
-        """A decoded message from a GPU worker."""
+    def worker_message(self, identity: bytes, command: Command, msg: Any, now: float, key: str | None = None) -> None:
+        """A decoded message from a GPU worker; ``key`` is the CURVE key it came with (None without keys)."""
         if command is Command.READY:
-            self._worker_ready(identity, msg, now)
+            self._worker_ready(identity, msg, now, key)
             return
         worker = self.workers.get(identity)
+        if worker is not None and worker.key != key:
+            self.stats.dropped_messages += 1  # not the key that registered this connection's worker
+            return
         if worker is None:
             if command is not Command.DISCONNECT:
                 # Typically this broker restarted: the worker reconnects and says READY again.
@@ -66,10 +69,18 @@ class GpuWorkers:
             self._finish(job, now, error=error_dict(Stage.TRANSPORT, "protocol", message))
         self._dispatch(worker.backend, now)
 
-    def _worker_ready(self, identity: bytes, msg: WorkerReady, now: float) -> None:
+    def _worker_ready(self, identity: bytes, msg: WorkerReady, now: float, key: str | None = None) -> None:
         if not msg.backend or not msg.worker_id:
             log.warning("GPU worker %s sent READY without backend or worker_id; told it to go", identity.hex())
             self.out.to_worker(identity, Disconnect("READY needs a backend and a worker_id", msg.worker_id))
+            return
+        registered = self.workers.find(msg.worker_id)
+        if registered is not None and registered.key != key:
+            # Only the key that registered a worker id may announce it again.
+            self.stats.dropped_messages += 1
+            log.warning("refused READY for GPU worker %s from another key than the one that registered it",
+                        msg.worker_id)
+            self.out.to_worker(identity, Disconnect("this worker id is registered by another key", msg.worker_id))
             return
         try:
             specs = specs_from_wire(msg.info.get("options"))
@@ -78,7 +89,7 @@ class GpuWorkers:
                         "where they run", msg.worker_id, exc)
             specs = None
         worker = GpuWorkerRecord(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
-                                 option_specs=specs, last_seen=now,
+                                 option_specs=specs, key=key, last_seen=now,
                                  heartbeat_interval_s=declared_interval_s(msg.heartbeat_interval_s,
                                                                           f"GPU worker {msg.worker_id}"),
                                  heartbeat_due=now + self.heartbeat_interval_s * random.uniform(0.5, 1.0))

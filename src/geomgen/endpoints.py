@@ -7,7 +7,9 @@ address.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass
 
 from geomgen import defaults
@@ -78,3 +80,20 @@ def parse_broker(address: str, **overrides: int | None) -> Endpoints:
     if changes:
         endpoints = Endpoints(**{**endpoints.__dict__, **changes})
     return endpoints
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the broker reachable from this machine only:
+    localhost, 127.0.0.0/8 or ::1 (a name is resolved; '*' and 0.0.0.0 are not)."""
+    name = host.strip("[]")
+    if name in ("*", "", "0.0.0.0", "::"):
+        return False
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(name, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)

@@ -26,6 +26,7 @@ from geomgen import __version__, defaults, protocol
 from geomgen.backend_process import BackendFacts, BackendProcess, BackendStartFailed, Kind, RunningJob, startup_message
 from geomgen.contract import check_backend_options
 from geomgen.endpoints import Endpoints
+from geomgen.keys import PeerKeys, apply_client_curve
 from geomgen.errors import InputError, ProtocolError, Stage
 from geomgen.lifecycle import stop_on_signals
 from geomgen.optionspec import specs_to_wire
@@ -59,6 +60,7 @@ class GpuWorker:
         reconnect_min_s: float = defaults.RECONNECT_MIN_S,
         reconnect_max_s: float = defaults.RECONNECT_MAX_S,
         worker_id: str | None = None,
+        keys: PeerKeys | None = None,
     ):
         check_heartbeat(heartbeat_interval_s, heartbeat_liveness)
         check_generate_timeout(generate_timeout_s)
@@ -70,6 +72,7 @@ class GpuWorker:
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.keys = keys  # CURVE keys for a broker started with --keys
         self.completed = 0
         self.failed = 0
         self.exit_code = 0  # non-zero once the worker cannot serve (a reload failed)
@@ -186,6 +189,8 @@ class GpuWorker:
     def _connect(self) -> None:
         assert self.facts is not None  # run_once connects only after load()
         sock = self._ctx.socket(zmq.DEALER)
+        if self.keys is not None:
+            apply_client_curve(sock, self.keys)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
         sock.connect(self.endpoints.worker)
@@ -369,6 +374,7 @@ def main(
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
     heartbeat_liveness: int = defaults.HEARTBEAT_LIVENESS,
     worker_id: str | None = None,
+    keys: PeerKeys | None = None,
 ) -> int:
     """Run a GPU worker until SIGTERM/SIGINT. Returns the process exit code:
     0 after a clean stop, 2 when the backend cannot start here (message on
@@ -383,7 +389,7 @@ def main(
     try:
         worker = GpuWorker(backend, endpoints, backend_options=backend_options, gpu=gpu,
                            generate_timeout_s=generate_timeout_s, heartbeat_interval_s=heartbeat_interval_s,
-                           heartbeat_liveness=heartbeat_liveness, worker_id=worker_id)
+                           heartbeat_liveness=heartbeat_liveness, worker_id=worker_id, keys=keys)
     except InputError as exc:
         print(f"geomgen gpu-worker: {exc.message}", file=sys.stderr)
         return 2

@@ -184,6 +184,7 @@ class GpuWorkerRecord:
     gpu: str | None = None
     info: dict = field(default_factory=dict)
     option_specs: tuple | None = None  # its backend's declared options (OptionSpec), None if undeclared
+    key: str | None = None  # the CURVE key (Z85) it registered with; None without keys
     last_seen: float = 0.0
     heartbeat_interval_s: float = 0.0  # as the worker declared it
     job_id: str | None = None  # the job the broker gave it
@@ -245,6 +246,11 @@ class WorkerRegistry:
     def alive(self, backend: str) -> int:
         """Live workers registered for ``backend``."""
         return self._alive.get(backend, 0)
+
+    def find(self, worker_id: str) -> GpuWorkerRecord | None:
+        """The registration of ``worker_id``, if any."""
+        identity = self._by_worker_id.get(worker_id)
+        return self._workers.get(identity) if identity is not None else None
 
     def has_idle(self, backend: str) -> bool:
         return bool(self._idle.get(backend))

@@ -32,6 +32,7 @@ class SdfWorkerRecord:
     pid: int = 0
     last_seen: float = 0.0
     heartbeat_interval_s: float = 0.0  # as the worker declared it
+    key: str | None = None  # the CURVE key (Z85) it registered with; None without keys
     completed: int = 0
     failed: int = 0
 
@@ -110,6 +111,8 @@ class SdfPool:
         worker.hostname = about.get("hostname", worker.hostname)
         worker.pid = about.get("pid", worker.pid)
         worker.heartbeat_interval_s = about.get("heartbeat_interval_s", worker.heartbeat_interval_s)
+        if is_new:
+            worker.key = about.get("key")
         worker.held = []
         for entry in held:
             if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
@@ -141,11 +144,15 @@ class SdfPool:
             if not self._unseen_per_worker[worker_id]:
                 del self._unseen_per_worker[worker_id]
 
-    def finished(self, job_id: str, attempt: int) -> bool:
-        """A result for (job, attempt) arrived: True if it is the current attempt
-        (its lease is dropped), False for a superseded or unknown one."""
-        self._seen(job_id, attempt)
+    def finished(self, job_id: str, attempt: int, worker_id: str | None = None) -> bool:
+        """A result for (job, attempt) arrived (from ``worker_id``): True if it is
+        the current attempt and that worker holds its lease (the lease is
+        dropped), False for a superseded or unknown one, or one from a worker
+        the job was never sent to."""
         lease = self._leases.get(job_id)
+        if worker_id is not None and lease is not None and lease.worker_id not in (None, worker_id):
+            return False
+        self._seen(job_id, attempt)
         if lease is None or lease.attempt != attempt:
             return False
         del self._leases[job_id]

@@ -26,6 +26,7 @@ import zmq
 from geomgen import contract, convert_child, defaults, protocol
 from geomgen.conversion import KILL_WAIT_S, Conversion, package_files
 from geomgen.endpoints import Endpoints
+from geomgen.keys import PeerKeys, apply_client_curve
 from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
 
@@ -64,6 +65,7 @@ class SdfWorker:
         heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
         convert_timeout_s: float = defaults.SDF_CONVERT_TIMEOUT_S,
         worker_id: str | None = None,
+        keys: PeerKeys | None = None,
     ):
         if procs < 1:
             raise InputError(f"procs must be at least 1, got {procs}", code="bad_option")
@@ -87,11 +89,14 @@ class SdfWorker:
         self._running: dict[tuple[str, int], _Held] = {}  # by (job_id, attempt)
         self._ctx = zmq.Context()
         self._jobs = self._ctx.socket(zmq.DEALER)
+        self._results = self._ctx.socket(zmq.PUSH)
+        if keys is not None:  # CURVE keys for a broker started with --keys
+            apply_client_curve(self._jobs, keys)
+            apply_client_curve(self._results, keys)
         self._jobs.setsockopt(zmq.IDENTITY, self.worker_id.encode())  # how the broker addresses this worker
         self._jobs.setsockopt(zmq.LINGER, 0)
         self._jobs.setsockopt(zmq.MAXMSGSIZE, defaults.MAX_MESSAGE_BYTES)
         self._jobs.connect(endpoints.sdf_job)
-        self._results = self._ctx.socket(zmq.PUSH)
         self._results.setsockopt(zmq.LINGER, 0)
         self._results.connect(endpoints.sdf_result)
         self._next_heartbeat_s = 0.0
@@ -327,6 +332,7 @@ def main(
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
     convert_timeout_s: float = defaults.SDF_CONVERT_TIMEOUT_S,
     worker_id: str | None = None,
+    keys: PeerKeys | None = None,
 ) -> int:
     """Run an SDF worker until SIGTERM/SIGINT. Returns the exit code: 0 after a
     clean stop, 2 when conversion processes cannot start here.
@@ -341,7 +347,7 @@ def main(
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         worker = SdfWorker(endpoints, procs=procs, heartbeat_interval_s=heartbeat_interval_s,
-                           convert_timeout_s=convert_timeout_s, worker_id=worker_id)
+                           convert_timeout_s=convert_timeout_s, worker_id=worker_id, keys=keys)
     except GeomgenError as exc:
         print(f"geomgen sdf-worker: {exc.message}", file=sys.stderr)
         return 2

@@ -24,6 +24,19 @@ from typing import Any, Sequence
 from geomgen import defaults
 from geomgen.endpoints import Endpoints
 from geomgen.errors import InputError, TransportError
+from geomgen.keys import (
+    BROKER_KEY_ENV,
+    BROKER_PUBLIC,
+    BROKER_SECRET,
+    KEY_ENV,
+    KEYS_ENV,
+    SECRET_SUFFIX,
+    PeerKeys,
+    add_peer,
+    init_keys,
+    load_peer_keys,
+    role_folder,
+)
 from geomgen.lifecycle import stop_on_signals
 from geomgen.processes import die_with_parent
 
@@ -117,6 +130,9 @@ def _port_free(host: str, port: int) -> bool:
             return False
 
 
+KEY_ENV_VARS = (KEY_ENV, BROKER_KEY_ENV, KEYS_ENV)
+
+
 class GeometryServer:
     """A broker with its workers, as child processes of this one.
 
@@ -130,6 +146,10 @@ class GeometryServer:
         log_dir: where each child's log goes; default a new temporary folder,
             removed by stop() when every child exited cleanly.
         env: extra environment variables for the children.
+        keys_dir: a key folder (`geomgen keys init`; made here if it has no broker
+            key): the broker uses CURVE and each process started here gets a key
+            of its role, added to the folder's allow-lists (``client_keys`` is the
+            one this server's own client uses). None: no keys (loopback only).
         broker_settings: heartbeat_interval_s, no_worker_timeout_s, sdf_lease_s (seconds).
     """
 
@@ -143,6 +163,7 @@ class GeometryServer:
         gpus: Sequence[str | int] | None = None,
         log_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
+        keys_dir: str | os.PathLike | None = None,
         **broker_settings: float,
     ) -> None:
         unknown = sorted(set(broker_settings) - set(BROKER_SETTINGS))
@@ -166,6 +187,8 @@ class GeometryServer:
         self.broker_settings = broker_settings
         self.endpoints: Endpoints | None = None
         self.children: list[Child] = []
+        self.keys_dir = Path(keys_dir) if keys_dir is not None else None
+        self.client_keys: PeerKeys | None = None
 
     @property
     def address(self) -> str:
@@ -193,6 +216,9 @@ class GeometryServer:
         broker_args = ["broker", "--host", self.host, "--port", str(base)]
         for key, value in self.broker_settings.items():
             broker_args += [BROKER_SETTINGS[key], str(value)]
+        if self.keys_dir is not None:
+            broker_args += ["--keys", str(self.keys_dir)]
+            self.client_keys = self._peer_keys("client", "serve-client")
         self._spawn("broker", broker_args)
         broker = self.address.removeprefix("tcp://")
         gpus = visible_gpus() if self.gpus is None else self.gpus
@@ -201,16 +227,37 @@ class GeometryServer:
             per_gpu = gpus if backend_uses_gpu(name) and gpus else [None]
             for gpu in per_gpu:
                 args = ["gpu-worker", "--backend", name, "--broker", broker, *options]
-                self._spawn(f"gpu-worker-{name}" + (f"-gpu{gpu}" if gpu is not None else ""),
-                            args + (["--gpu", gpu] if gpu is not None else []))
+                child = f"gpu-worker-{name}" + (f"-gpu{gpu}" if gpu is not None else "")
+                gpu_args = ["--gpu", gpu] if gpu is not None else []
+                self._spawn(child, args + gpu_args + self._key_args("gpu-worker", child))
         if self.sdf_workers:
-            self._spawn("sdf-worker", ["sdf-worker", "--broker", broker, "--procs", str(self.sdf_workers)])
+            self._spawn("sdf-worker", ["sdf-worker", "--broker", broker, "--procs", str(self.sdf_workers),
+                                       *self._key_args("sdf-worker", "sdf-worker")])
         return self
+
+    def _peer_keys(self, role: str, name: str) -> PeerKeys:
+        """The key pair of peer ``name`` in the key folder, made (and allowed) if missing."""
+        assert self.keys_dir is not None
+        if not (self.keys_dir / BROKER_SECRET).is_file():
+            init_keys(self.keys_dir)
+        secret = self.keys_dir / role_folder(role) / f"{name}{SECRET_SUFFIX}"
+        if not secret.is_file():
+            add_peer(self.keys_dir, role, name)
+        return load_peer_keys(secret, self.keys_dir / BROKER_PUBLIC)
+
+    def _key_args(self, role: str, name: str) -> list[str]:
+        if self.keys_dir is None:
+            return []
+        self._peer_keys(role, name)
+        secret = self.keys_dir / role_folder(role) / f"{name}{SECRET_SUFFIX}"
+        return ["--key", str(secret), "--broker-key", str(self.keys_dir / BROKER_PUBLIC)]
 
     def _spawn(self, name: str, args: list[str]) -> Child:
         assert self.log_dir is not None
         child = Child(name, args, self.log_dir / f"{name}.log")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        for name in KEY_ENV_VARS:  # keys come from this server's flags, never from an inherited environment
+            env.pop(name, None)
         with open(child.log_path, "wb") as log:
             child.process = subprocess.Popen(
                 [sys.executable, "-m", "geomgen", *args], stdout=log, stderr=subprocess.STDOUT,
@@ -242,7 +289,7 @@ class GeometryServer:
         expected = self.expected_workers()
         deadline = time.monotonic() + timeout_s
         stats: dict = {}
-        with GeometryClient(self.address, timeout_s=max(1.0, timeout_s)) as client:
+        with GeometryClient(self.address, timeout_s=max(1.0, timeout_s), keys=self.client_keys) as client:
             while True:
                 for child in self.exited():
                     raise self._exited_error(child)
