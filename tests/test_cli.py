@@ -135,6 +135,15 @@ def test_convert_json(tmp_path):
     assert rows[0]["collision_pieces"] == 1 and rows[1]["error"] and "notes.obj" in rows[1]["input"]
 
 
+def test_convert_into_a_relative_folder(tmp_path):
+    """--out relative to the working folder: the package is named after the input and lands there."""
+    done = subprocess.run([sys.executable, "-m", "geomgen", "convert", str(SAMPLES / "table.glb"), "--out", "assets",
+                           "--collision", "hull", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert Path(json_lines(done.stdout)[0]["sdf_path"]) == tmp_path / "assets" / "table" / "table.sdf"
+    assert (tmp_path / "assets" / "table" / "table.sdf").is_file()
+
+
 def test_serve_stops_every_process_on_ctrl_c(tmp_path):
     """`geomgen serve` until SIGINT: the broker and its workers all exit."""
     from geomgen.client import GeometryClient

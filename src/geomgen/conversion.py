@@ -242,7 +242,7 @@ def convert_path(path: Path, out_dir: Path, options: ConvertOptions, timeout_s: 
     package lands in ``out_dir/<name>/`` (replacing an older one only when
     complete). Returns the report's info with ``sdf_path`` absolute; raises the
     conversion's GeomgenError."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the child reports paths relative to its own folder: keep both absolute
     out_dir.mkdir(parents=True, exist_ok=True)
     job_dir = Path(tempfile.mkdtemp(prefix=".geomgen-convert-", dir=out_dir))  # beside: the move is a rename
     try:
