@@ -159,11 +159,12 @@ def cli() -> None:
     Quick start (one machine, CPU backends):
       geomgen demo                                 # the whole pipeline on bundled samples
       geomgen generate chair.png mug.obj --out assets/
-    Several machines:
-      geomgen broker --host 0.0.0.0
-      geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker HUB
-      geomgen sdf-worker --procs 8 --broker HUB
-      geomgen generate photos/*.png --out assets/ --broker HUB
+    Several machines (keys: docs/security.md):
+      geomgen keys init keys/; geomgen keys add gpu-worker gpu1 --keys keys/ ...
+      geomgen broker --host 0.0.0.0 --keys keys/
+      geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker HUB --key gpu1.key_secret --broker-key broker.key
+      geomgen sdf-worker --procs 8 --broker HUB --key cpu1.key_secret --broker-key broker.key
+      geomgen generate photos/*.png --out assets/ --broker HUB --key me.key_secret --broker-key broker.key
     """
 
 
