@@ -187,6 +187,8 @@ class Broker:
             setattr(self, f"_{name}", sock)
         for sock in (self._client, self._worker, self._sdf_pull, self._sdf_jobs):
             self._poller.register(sock, zmq.POLLIN)
+        for monitor in self._auth.monitors if self._auth is not None else ():
+            self._poller.register(monitor, zmq.POLLIN)
 
     def close(self) -> None:
         """Close the sockets (and the context if the broker made it)."""
@@ -232,6 +234,10 @@ class Broker:
             self._drain(self._sdf_pull, self._on_sdf, copy=False, yield_to_clients=True)
         if self._sdf_jobs in ready:
             self._drain(self._sdf_jobs, self._on_sdf_jobs_socket, copy=False)
+        if self._auth is not None:
+            for monitor in self._auth.monitors:
+                if monitor in ready:
+                    self._auth.read_monitor(monitor, time.monotonic())
         now = time.monotonic()
         if now >= self._next_housekeeping:
             self._next_housekeeping = now + self._tick_s

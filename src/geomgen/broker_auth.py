@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
 from geomgen.keys import ROLES, AllowList, BrokerKeys, apply_server_curve, fingerprint
 
@@ -21,6 +22,8 @@ log = logging.getLogger("geomgen.broker")
 SOCKET_ROLES = {"client": "client", "worker": "gpu-worker", "sdf_jobs": "sdf-worker", "sdf_pull": "sdf-worker"}
 ZMTP_HEARTBEAT_IVL_MS = 2_000  # ZeroMQ's own connection heartbeat on the broker's ROUTERs with keys, ms
 ZMTP_HEARTBEAT_TIMEOUT_MS = 10_000  # a connection silent this long is closed, ms
+FAILURE_LOG_INTERVAL_S = 60.0  # failed handshakes on one port are logged once per this period
+HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL  # a peer without a key, or with a wrong broker key
 MAX_REMEMBERED = 10_000  # refused keys and bound identities kept, at most (strangers cannot grow it further)
 
 
@@ -58,6 +61,8 @@ class BrokerAuth:
         self.allow = AllowList(keys.folder)
         self._authenticator = ThreadAuthenticator(context, log=logging.getLogger("geomgen.auth"))
         self._roles: dict[zmq.Socket, str] = {}
+        self.monitors: dict[zmq.Socket, str] = {}  # monitor socket -> the role of the socket it watches
+        self._failures_logged: dict[tuple[str, bool], float] = {}
         self._revoked_logged: set[str | None] = set()
 
     def start(self) -> None:
@@ -70,6 +75,9 @@ class BrokerAuth:
         """Make the broker socket ``name`` a CURVE server for its role."""
         apply_server_curve(sock, self.keys, SOCKET_ROLES[name])
         self._roles[sock] = SOCKET_ROLES[name]
+        # A peer with no key at all never reaches the ZAP handler (its handshake
+        # fails first); the socket's monitor is where that shows.
+        self.monitors[sock.get_monitor_socket(HANDSHAKE_FAILURES)] = SOCKET_ROLES[name]
         if sock.type == zmq.ROUTER:
             # A peer's routing identity must not be taken over by another connection
             # (which would receive that peer's results): a second connection claiming
@@ -91,6 +99,26 @@ class BrokerAuth:
             log.warning("dropping messages from %s key %s: no longer on its allow-list", role, (key or "?")[:8])
         return False
 
+    def read_monitor(self, monitor: zmq.Socket, now: float) -> None:
+        """Log failed handshakes on a role's port: at most one line per port and
+        kind of failure a minute (a scanner must not flood the log)."""
+        while monitor.poll(0):
+            try:
+                event = recv_monitor_message(monitor, flags=zmq.NOBLOCK)
+            except (zmq.Again, zmq.ZMQError):
+                return
+            role, kind, value = self.monitors[monitor], int(event["event"]), int(event["value"])
+            if kind != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                continue  # AUTH: the ZAP handler refused a key (_Gate logged it); NO_DETAIL: the peer hung up
+            no_key = value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+            if now < self._failures_logged.get((role, no_key), 0.0):
+                continue
+            self._failures_logged[(role, no_key)] = now + FAILURE_LOG_INTERVAL_S
+            why = ("it offered no CURVE key (a peer started without --key?)" if no_key
+                   else "its CURVE handshake failed (a wrong --broker-key, or not a geomgen peer)")
+            log.warning("refused a connection on the %s port: %s (ZeroMQ event %d, %#x); further such refusals on "
+                        "this port are not logged for %.0f s", role, why, kind, value, FAILURE_LOG_INTERVAL_S)
+
     def maybe_reload(self, now: float) -> None:
         self.allow.maybe_reload(now)
 
@@ -98,6 +126,9 @@ class BrokerAuth:
         self.allow.reload()
 
     def stop(self) -> None:
+        for monitor in self.monitors:
+            monitor.close(linger=0)
+        self.monitors.clear()
         self._authenticator.stop()
 
 
