@@ -246,3 +246,16 @@ def test_serve_with_keys_makes_keys_for_its_processes(tmp_path):
             assert dict(client.generate([request]))[0].ok
         with GeometryClient(server.address, timeout_s=2, keys=None) as stranger:
             assert _no_health(stranger)
+
+
+def test_a_stranger_on_the_sdf_job_port_receives_no_glb(secure_stack, endpoints, key_dir, zctx, tmp_path):
+    """The attack: connect to the SDF job port to receive clients' GLBs. Without
+    an SDF-worker key (no key, or a client's) nothing arrives; the real SDF
+    worker converts."""
+    strangers = [raw(zctx, endpoints.sdf_job, None, identity=b"sdf-a"),
+                 raw(zctx, endpoints.sdf_job, peer(key_dir, "client", "alice"), identity=b"sdf-b")]
+    with GeometryClient(endpoints.client, timeout_s=60, keys=peer(key_dir, "client", "alice")) as client:
+        assert dict(client.generate([chair(tmp_path)]))[0].ok
+    assert not any(sock.poll(100) for sock in strangers)
+    for sock in strangers:
+        sock.close(0)
