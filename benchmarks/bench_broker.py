@@ -267,10 +267,10 @@ CURVE_SCENARIOS = ((10, 0.0), (100, 0.0))
 CURVE_BROKERS = ("geomgen", "curve")  # curve: `geomgen broker --keys`, the harness's peers with keys
 CURVE_TARGET = 0.8  # jobs/s with CURVE on at least this times with it off (issue 10)
 
-# The broker's default (100 messages queued towards one client, then dropped) is
-# below what one client with 100 requests in flight is sent at saturation, while
-# this harness's client waits its turn for a core: results were dropped and the
-# run stalled. ZeroMQ's own default, as before the limit, here.
+# Messages queued towards this harness's client, given to every broker explicitly so
+# that a baseline checkout with another default is measured the same way: at 100
+# (once the default), one client with 100 requests in flight at saturation lost
+# results and the run stalled.
 CLIENT_SEND_HWM = 1000
 
 BASELINE_SRC: str | None = None  # --baseline-src: another checkout's src/, run as broker "baseline"

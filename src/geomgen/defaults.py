@@ -28,7 +28,10 @@ SDF_MAX_SLOTS = 256  # conversion slots an SDF worker may declare
 POLL_INTERVAL_S = 0.25  # upper bound on a loop's sleep in poll()
 ACTIVITY_LOG_INTERVAL_S = 60.0  # the broker logs one line of what it did in each such period (jobs log at DEBUG)
 CLIENT_LIVENESS_S = 20.0  # a client holding jobs and silent this long is gone: its jobs are dropped
-CLIENT_SEND_HWM = 100  # messages queued towards one client that does not read, then dropped (ZMQ SNDHWM)
+# Messages queued towards one client that does not read, then dropped (ZMQ SNDHWM). ZeroMQ's
+# own default: at 100, a live client with 100 requests in flight at saturation lost results
+# (bench_broker). The memory it bounds is this many messages, GLBs and packages included.
+CLIENT_SEND_HWM = 1000
 RECONNECT_MIN_S = 0.5  # first reconnect back-off of a worker
 RECONNECT_MAX_S = 16.0  # back-off cap
 
