@@ -41,11 +41,25 @@ __all__ = ["GeometryClient", "GeometryEvent", "GeometryRequest", "GeometryResult
 log = logging.getLogger(__name__)
 
 
+def _positional_hint(address: object, extra: tuple[object, ...]) -> str:
+    """Why GeometryClient refuses a second positional argument, with the call
+    the user probably meant when it looks like a port (the old client took
+    ``(host, port)``)."""
+    message = ("GeometryClient takes the broker address as its only positional argument; "
+               "timeout_s and the other settings are keyword-only")
+    port = extra[0]
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536 and isinstance(address, str):
+        message += f": did you mean GeometryClient('{address.removeprefix('tcp://')}:{port}')?"
+    return message
+
+
 class GeometryClient:
     """Client of one broker.
 
     Args:
-        address: the broker's client endpoint: ``tcp://HOST:PORT``, ``HOST:PORT`` or ``HOST``.
+        address: the broker's client endpoint: ``tcp://HOST:PORT``, ``HOST:PORT`` or ``HOST``
+            (port 5555). The only positional argument: the others are keyword-only, so
+            ``GeometryClient("127.0.0.1", 7000)`` is refused instead of read as a timeout.
         timeout_s: broker silence after which outstanding items fail (stage transport).
         max_in_flight: requests one generate() call keeps outstanding at the broker.
         heartbeat_interval_s: how often a waiting client heartbeats the broker.
@@ -57,11 +71,14 @@ class GeometryClient:
     def __init__(
         self,
         address: str = "tcp://127.0.0.1:5555",
+        *positional: object,
         timeout_s: float = defaults.CLIENT_TIMEOUT_S,
         max_in_flight: int = defaults.CLIENT_MAX_IN_FLIGHT,
         heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S,
         keys: PeerKeys | None | str = "env",
     ) -> None:
+        if positional:
+            raise TypeError(_positional_hint(address, positional))
         if timeout_s <= 0 or max_in_flight < 1 or heartbeat_interval_s <= 0:
             raise ValueError("timeout_s and heartbeat_interval_s must be > 0 and max_in_flight >= 1")
         self.address = parse_broker(address).client
