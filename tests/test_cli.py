@@ -22,7 +22,7 @@ from tests.conftest import REPO, free_base_port, wait_for
 from tests.plugins import SlowBackend
 
 SAMPLES = REPO / "src" / "geomgen" / "samples"
-COMMANDS = ["broker", "gpu-worker", "sdf-worker", "serve", "generate", "demo", "health", "convert", "doctor"]
+COMMANDS = ["broker", "gpu-worker", "sdf-worker", "serve", "generate", "demo", "health", "convert", "doctor", "keys"]
 
 
 def geomgen(*args: str, timeout_s: float = 120, **kw) -> subprocess.CompletedProcess:
