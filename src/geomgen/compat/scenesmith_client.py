@@ -49,7 +49,9 @@ class GeometryGenerationError(Exception):
     """A failed item: its position in the batch and the server's message."""
 
     def __init__(self, index: int, error_message: str):
-        super().__init__(f"item {index}: {error_message}")
+        # The gateway's messages already name their item; others get the prefix.
+        named = error_message.lower().startswith(f"item {index}")
+        super().__init__(error_message if named else f"item {index}: {error_message}")
         self.index = index
         self.error_message = error_message
 
