@@ -319,7 +319,12 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interv
 @click.option("--keys", "keys_dir", envvar="GEOMGEN_KEYS", type=click.Path(file_okay=False, path_type=Path),
               help="Key folder: CURVE for the stack, a key made there for each process started and for a "
                    "client (clients/serve-client.key_secret) [env GEOMGEN_KEYS]. Needed off loopback.")
-def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, ready_timeout, keys_dir) -> None:
+@click.option("--http", metavar="HOST:PORT",
+              help="Also serve the HTTP API (`geomgen gateway`) there, items under the working directory.")
+@click.option("--http-token-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Bearer token file for --http (needed when its HOST is not loopback).")
+def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, ready_timeout, keys_dir, http,
+          http_token_file) -> None:
     """Run a broker with its GPU workers and SDF workers; Ctrl-C stops them all.
 
     Example: geomgen serve --backend hunyuan3d --backend mesh --sdf-workers 4
@@ -327,7 +332,9 @@ def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, rea
     from geomgen.server import GeometryServer
 
     server = GeometryServer(backends=backends, sdf_workers=sdf_workers, host=host, base_port=port,
-                            backend_options=backend_options, gpus=gpus or None, log_dir=log_dir, keys_dir=keys_dir)
+                            backend_options=backend_options, gpus=gpus or None, log_dir=log_dir, keys_dir=keys_dir,
+                            http=http, http_options={"allow_roots": [str(Path.cwd())],
+                                                     "token_file": http_token_file} if http else None)
     server.start()
     try:
         stats = server.wait_until_ready(ready_timeout)
@@ -337,6 +344,8 @@ def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, rea
     workers = ", ".join(f"{name} x{n['alive']}" for name, n in stats.get("backends", {}).items() if n.get("alive"))
     click.echo(f"geomgen serving on {server.address} ({workers}; {stats.get('sdf_slots', 0)} SDF slots); "
                f"logs in {server.log_dir}; Ctrl-C stops", err=True)
+    if http:
+        click.echo(f"geomgen: HTTP API on {server.http_address}", err=True)
     if keys_dir is not None:
         click.echo(f"geomgen: CURVE on; a client key: --key {keys_dir}/clients/serve-client.key_secret "
                    f"--broker-key {keys_dir}/broker.key", err=True)
@@ -353,3 +362,7 @@ for _command in (cli_tasks.generate, cli_tasks.demo, cli_tasks.health, cli_tasks
 from geomgen import cli_keys  # noqa: E402
 
 cli.add_command(cli_keys.keys)
+
+from geomgen import cli_gateway  # noqa: E402
+
+cli.add_command(cli_gateway.gateway)

@@ -131,6 +131,7 @@ def _port_free(host: str, port: int) -> bool:
 
 
 KEY_ENV_VARS = (KEY_ENV, BROKER_KEY_ENV, KEYS_ENV)
+HTTP_OPTIONS = ("allow_roots", "default_backend", "token_file", "insecure", "keepalive_s")
 
 
 class GeometryServer:
@@ -150,6 +151,11 @@ class GeometryServer:
             key): the broker uses CURVE and each process started here gets a key
             of its role, added to the folder's allow-lists (``client_keys`` is the
             one this server's own client uses). None: no keys (loopback only).
+        http: ``HOST:PORT`` where a ``geomgen gateway`` child serves the HTTP API
+            (port 0: a free one); None: no HTTP.
+        http_options: for the gateway: ``allow_roots`` (a list of folders; None: any
+            path; absent: this process's working directory), ``default_backend``,
+            ``token_file``, ``insecure``, ``keepalive_s``.
         broker_settings: heartbeat_interval_s, no_worker_timeout_s, sdf_lease_s (seconds).
     """
 
@@ -164,6 +170,8 @@ class GeometryServer:
         log_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
         keys_dir: str | os.PathLike | None = None,
+        http: str | None = None,
+        http_options: dict[str, Any] | None = None,
         **broker_settings: float,
     ) -> None:
         unknown = sorted(set(broker_settings) - set(BROKER_SETTINGS))
@@ -189,6 +197,25 @@ class GeometryServer:
         self.children: list[Child] = []
         self.keys_dir = Path(keys_dir) if keys_dir is not None else None
         self.client_keys: PeerKeys | None = None
+        self.http = http
+        self.http_options = dict(http_options or {})
+        unknown = sorted(set(self.http_options) - set(HTTP_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown http_options: {', '.join(unknown)}; known: {', '.join(HTTP_OPTIONS)}")
+        self._http_host_port: tuple[str, int] | None = None
+        if http is not None:
+            host_part, sep, port_part = http.rpartition(":")
+            if not sep or not host_part or not port_part.isdigit():
+                raise InputError(f"http must be HOST:PORT, got {http!r}", code="bad_option")
+            self._http_host_port = (host_part, int(port_part))
+
+    @property
+    def http_address(self) -> str:
+        """The gateway's URL, ``http://HOST:PORT`` (available after start(); http given)."""
+        if self._http_host_port is None or not self.children:
+            raise TransportError("the GeometryServer has no HTTP gateway started", code="not_started")
+        host, port = self._http_host_port
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '*') else host}:{port}"
 
     @property
     def address(self) -> str:
@@ -233,7 +260,33 @@ class GeometryServer:
         if self.sdf_workers:
             self._spawn("sdf-worker", ["sdf-worker", "--broker", broker, "--procs", str(self.sdf_workers),
                                        *self._key_args("sdf-worker", "sdf-worker")])
+        if self._http_host_port is not None:
+            self._spawn("gateway", self._gateway_args(broker))
         return self
+
+    def _gateway_args(self, broker: str) -> list[str]:
+        host, port = self._http_host_port  # type: ignore[misc]
+        if port == 0:
+            port = free_base_port("127.0.0.1" if host in ("0.0.0.0", "*") else host, 1)
+            self._http_host_port = (host, port)
+        options = self.http_options
+        args = ["gateway", "--broker", broker, "--host", host, "--port", str(port)]
+        if "allow_roots" not in options:
+            args += ["--allow-root", str(Path.cwd())]
+        elif options["allow_roots"] is None:
+            args += ["--allow-any-path"]
+        else:
+            for root in options["allow_roots"]:
+                args += ["--allow-root", str(root)]
+        if options.get("default_backend"):
+            args += ["--default-backend", str(options["default_backend"])]
+        if options.get("token_file"):
+            args += ["--token-file", str(options["token_file"])]
+        if options.get("insecure"):
+            args += ["--insecure"]
+        if options.get("keepalive_s"):
+            args += ["--keepalive", str(options["keepalive_s"])]
+        return args + self._key_args("client", "gateway")
 
     def _peer_keys(self, role: str, name: str) -> PeerKeys:
         """The key pair of peer ``name`` in the key folder, made (and allowed) if missing."""
@@ -298,6 +351,8 @@ class GeometryServer:
                 except TransportError:
                     stats = {}
                 missing = self._missing(stats, expected)
+                if stats and not missing and self._http_host_port is not None and not self._http_ready():
+                    missing = ["the HTTP gateway"]
                 if stats and not missing:
                     return stats
                 if time.monotonic() > deadline:
@@ -306,6 +361,17 @@ class GeometryServer:
                         f"logs in {self.log_dir}", code="not_ready",
                     )
                 time.sleep(0.1)  # paces the queries: a broker answers "not ready" at once
+
+    def _http_ready(self) -> bool:
+        """Whether the gateway answers GET /health with 200."""
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.http_address}/health", timeout=2.0) as reply:
+                return reply.status == 200
+        except (OSError, urllib.error.URLError):
+            return False
 
     def _missing(self, stats: dict, expected: dict[str, int]) -> list[str]:
         if not stats:
@@ -350,6 +416,8 @@ class GeometryServer:
                         if child.name in reported:
                             continue
                         reported.add(child.name)
+                        if child.name == "gateway" and child.process is not None and child.process.returncode == 0:
+                            return 0  # POST /shutdown: the whole stack stops with its gateway
                         print(f"geomgen serve: {self._exited_error(child, 'while serving')}", file=sys.stderr)
                         if child.name == "broker":
                             return 1
