@@ -270,3 +270,47 @@ def test_old_command_line_end_to_end(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@needs_gateway
+@pytest.mark.timeout(240)
+def test_old_command_line_stops_on_post_shutdown(tmp_path):
+    """POST /shutdown stops the whole stack; the command exits 0."""
+    port = free_base_port(1)
+    log_path = tmp_path / "compat.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "geomgen.compat.scenesmith", "--backend", "mesh",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        wait_for(lambda: proc.poll() is not None or "serving on" in log_path.read_text(),
+                 timeout_s=120, interval_s=0.2, what="the compatibility server's banner")
+        assert proc.poll() is None, log_path.read_text()
+        assert requests.post(f"http://127.0.0.1:{port}/shutdown", timeout=10).status_code == 200
+        assert proc.wait(timeout=60) == 0, log_path.read_text()
+        assert "POST /shutdown" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@needs_gateway
+@pytest.mark.timeout(240)
+def test_token_file_is_required_on_every_route_but_health(tmp_path):
+    """With token_file=, a client without the token (or with a wrong one) is refused
+    (401, not retried); with token= it is served; /health needs none."""
+    token = "s3cret-token-0123456789abcdef"
+    (tmp_path / "token").write_text(token + "\n")
+    port = free_base_port(1)
+    batch = [GeometryGenerationServerRequest(image_path=str(SAMPLES / "table.glb"), output_dir=str(tmp_path / "out"),
+                                             prompt="a table", output_filename="table")]
+    with GeometryGenerationServer(port=port, backend="mesh", token_file=tmp_path / "token"):
+        assert GeometryGenerationClient("127.0.0.1", port).health_check()
+        for stranger in (GeometryGenerationClient("127.0.0.1", port),
+                         GeometryGenerationClient("127.0.0.1", port, token="wrong-token-0123456789")):
+            with pytest.raises(requests.HTTPError, match="401"):
+                list(stranger.generate_geometries(batch, timeout_s=60))
+        [(_, response)] = GeometryGenerationClient("127.0.0.1", port, token=token).generate_geometries(batch)
+        assert isinstance(response, GeometryGenerationServerResponse), response
+        assert Path(response.geometry_path) == (tmp_path / "out" / "table.glb").resolve()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["table.glb"]  # the refused batches wrote nothing

@@ -6,7 +6,6 @@ asked, an SDF worker and the HTTP gateway on ``host:port``; docs/scenesmith.md.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import sys
@@ -23,6 +22,7 @@ from geomgen.compat.scenesmith_client import (
     GeometryGenerationServerResponse,
 )
 from geomgen.errors import TransportError
+from geomgen.gateway import is_loopback
 from geomgen.lifecycle import stop_on_signals
 from geomgen.server import GeometryServer
 
@@ -42,16 +42,6 @@ DEFAULT_BACKEND = "hunyuan3d"  # the old server's
 SDF_WORKERS = 1  # SDF output is an extension items ask for; one conversion process serves it
 WATCH_INTERVAL_S = 0.5  # how often the command line checks that the stack still runs
 READY_STEP_S = 2.0  # the command line waits for readiness in steps this long, to notice signals
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable only from this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 class GeometryGenerationServer:
@@ -168,6 +158,13 @@ class GeometryGenerationServer:
         server = self._server
         return server is not None and bool(server.children) and not server.exited()
 
+    def shut_down_over_http(self) -> bool:
+        """Whether the gateway exited cleanly, as it does after POST /shutdown."""
+        server = self._server
+        return server is not None and any(
+            child.name == "gateway" and child.process is not None and child.process.returncode == 0
+            for child in server.exited())
+
     def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL); safe to call twice."""
         server, self._server = self._server, None
@@ -254,10 +251,16 @@ def main(host, port, preload, use_mini, backends, sam3_checkpoint, sam3d_checkpo
                 return
             click.echo(f"serving on http://{host}:{port} (Ctrl-C to stop)", err=True)
             while not stop.wait(WATCH_INTERVAL_S):
+                if server.shut_down_over_http():
+                    click.echo("stopping: POST /shutdown", err=True)
+                    return
                 if not server.is_running():
                     click.echo("a geomgen process exited; stopping", err=True)
                     sys.exit(1)
         except (TimeoutError, RuntimeError) as exc:
+            if server.shut_down_over_http():  # POST /shutdown while the workers were loading
+                click.echo("stopping: POST /shutdown", err=True)
+                return
             click.echo(f"geomgen.compat.scenesmith: {exc}", err=True)
             sys.exit(1)
         finally:
