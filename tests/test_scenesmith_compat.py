@@ -9,7 +9,6 @@ run end to end against real processes on the CPU backends.
 from __future__ import annotations
 
 import http.server
-import inspect
 import json
 import signal
 import subprocess
@@ -29,18 +28,11 @@ from geomgen.compat.scenesmith import (
     GeometryGenerationServerRequest,
     GeometryGenerationServerResponse,
 )
-from geomgen.server import GeometryServer
 from tests.conftest import REPO, free_base_port, wait_for
 
 SAMPLES = REPO / "src" / "geomgen" / "samples"
 OLD_KEYS = {"image_path", "output_dir", "prompt", "debug_folder", "output_filename", "backend", "sam3d_config",
             "scene_id"}
-
-needs_gateway = pytest.mark.skipif(
-    "http" not in inspect.signature(GeometryServer).parameters,
-    reason="GeometryServer has no http= parameter yet: the HTTP gateway (issue 11 section 1) has not landed",
-)
-
 
 # --- GeometryClient: the old (host, port) call ------------------------------------------
 
@@ -199,7 +191,6 @@ def test_server_maps_the_old_options_to_backend_options():
 
 # --- end to end -----------------------------------------------------------------------------
 
-@needs_gateway
 @pytest.mark.timeout(240)
 def test_old_classes_end_to_end(tmp_path):
     """The old server and client on silhouette and mesh: a GLB per good item, the
@@ -240,7 +231,6 @@ def test_old_classes_end_to_end(tmp_path):
     assert "any path" in (tmp_path / "server.log").read_text()
 
 
-@needs_gateway
 @pytest.mark.timeout(240)
 def test_old_command_line_end_to_end(tmp_path):
     """`python -m geomgen.compat.scenesmith --backend silhouette --port P`,
@@ -272,7 +262,6 @@ def test_old_command_line_end_to_end(tmp_path):
             proc.wait()
 
 
-@needs_gateway
 @pytest.mark.timeout(240)
 def test_old_command_line_stops_on_post_shutdown(tmp_path):
     """POST /shutdown stops the whole stack; the command exits 0."""
@@ -294,7 +283,6 @@ def test_old_command_line_stops_on_post_shutdown(tmp_path):
             proc.wait()
 
 
-@needs_gateway
 @pytest.mark.timeout(240)
 def test_token_file_is_required_on_every_route_but_health(tmp_path):
     """With token_file=, a client without the token (or with a wrong one) is refused
