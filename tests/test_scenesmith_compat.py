@@ -284,15 +284,19 @@ def test_old_command_line_stops_on_post_shutdown(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_token_file_is_required_on_every_route_but_health(tmp_path):
+def test_token_file_and_allow_roots(tmp_path):
     """With token_file=, a client without the token (or with a wrong one) is refused
-    (401, not retried); with token= it is served; /health needs none."""
+    (401, not retried); with token= it is served; /health needs none. allow_roots=
+    narrows the paths items may use: an input outside them is that item's error."""
     token = "s3cret-token-0123456789abcdef"
     (tmp_path / "token").write_text(token + "\n")
+    (tmp_path / "table.glb").write_bytes((SAMPLES / "table.glb").read_bytes())
     port = free_base_port(1)
-    batch = [GeometryGenerationServerRequest(image_path=str(SAMPLES / "table.glb"), output_dir=str(tmp_path / "out"),
+    batch = [GeometryGenerationServerRequest(image_path=str(tmp_path / "table.glb"), output_dir=str(tmp_path / "out"),
                                              prompt="a table", output_filename="table")]
-    with GeometryGenerationServer(port=port, backend="mesh", token_file=tmp_path / "token"):
+    outside = [GeometryGenerationServerRequest(image_path=str(SAMPLES / "table.glb"),
+                                               output_dir=str(tmp_path / "out"), prompt="a table")]
+    with GeometryGenerationServer(port=port, backend="mesh", token_file=tmp_path / "token", allow_roots=[tmp_path]):
         assert GeometryGenerationClient("127.0.0.1", port).health_check()
         for stranger in (GeometryGenerationClient("127.0.0.1", port),
                          GeometryGenerationClient("127.0.0.1", port, token="wrong-token-0123456789")):
@@ -301,4 +305,6 @@ def test_token_file_is_required_on_every_route_but_health(tmp_path):
         [(_, response)] = GeometryGenerationClient("127.0.0.1", port, token=token).generate_geometries(batch)
         assert isinstance(response, GeometryGenerationServerResponse), response
         assert Path(response.geometry_path) == (tmp_path / "out" / "table.glb").resolve()
+        [(_, error)] = GeometryGenerationClient("127.0.0.1", port, token=token).generate_geometries(outside)
+        assert isinstance(error, GeometryGenerationError) and str(SAMPLES) in error.error_message, error
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["table.glb"]  # the refused batches wrote nothing
