@@ -343,3 +343,19 @@ def test_geometry_server_starts_a_gateway(tmp_path, monkeypatch):
         assert server.http_address.startswith("http://127.0.0.1:")
         answers, _ = post(server.http_address, [item(image, tmp_path / "out", backend=None)])
         assert answers[0].status == "success", answers[0].error
+
+
+def test_shutdown_stops_a_serve_stack_with_http(procs, tmp_path):
+    port = free_base_port(1)
+    serve = procs.start("serve", "--backend", "instant", "--sdf-workers", "0", "--port", "0", "--http",
+                        f"127.0.0.1:{port}", "--log-dir", str(tmp_path / "serve-logs"), env=ENV, name="serve")
+
+    def ready() -> bool:  # serve says so once its workers and its gateway answer
+        log = Path(serve.log_path).read_text()
+        assert serve.poll() is None, log
+        return "HTTP API on http://127.0.0.1:" in log
+
+    wait_for(ready, timeout_s=90, interval_s=0.2, what="serve --http ready")
+    assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    assert requests.post(f"http://127.0.0.1:{port}/shutdown", timeout=10).status_code == 200
+    assert serve.wait(timeout=30) == 0
