@@ -9,7 +9,6 @@ batch is answered from, the batch runner, and serve().
 from __future__ import annotations
 
 import collections
-import ipaddress
 import logging
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Callable, Sequence
 
 from geomgen import gateway_items as items
 from geomgen.client import GeometryClient
+from geomgen.endpoints import is_loopback
 from geomgen.errors import GeomgenError, InputError
 from geomgen.keys import PeerKeys
 
@@ -51,16 +51,6 @@ class GatewaySettings:
     cache_entries: int = CACHE_ENTRIES
     cache_ttl_s: float = CACHE_TTL_S
     client_timeout_s: float = 60.0  # broker silence after which a batch's items fail
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` keeps the gateway on this machine."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(path: str | Path) -> str:

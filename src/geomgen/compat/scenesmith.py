@@ -22,7 +22,7 @@ from geomgen.compat.scenesmith_client import (
     GeometryGenerationServerResponse,
 )
 from geomgen.errors import TransportError
-from geomgen.gateway import is_loopback
+from geomgen.endpoints import is_loopback
 from geomgen.lifecycle import stop_on_signals
 from geomgen.server import GeometryServer
 
