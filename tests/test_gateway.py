@@ -359,3 +359,19 @@ def test_shutdown_stops_a_serve_stack_with_http(procs, tmp_path):
     assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
     assert requests.post(f"http://127.0.0.1:{port}/shutdown", timeout=10).status_code == 200
     assert serve.wait(timeout=30) == 0
+
+
+def test_a_gateway_reaches_a_broker_with_keys(tmp_path, monkeypatch):
+    """serve --keys --http: the gateway is a CURVE client of the broker with a
+    client key made for it, and the old HTTP API works in front of it."""
+    from geomgen.server import GeometryServer
+
+    monkeypatch.chdir(tmp_path)
+    image = make_input(tmp_path / "in")
+    keys_dir = tmp_path / "keys"
+    with GeometryServer(backends=["instant"], sdf_workers=0, host="127.0.0.1", base_port=0, env=ENV,
+                        keys_dir=keys_dir, http="127.0.0.1:0",
+                        http_options={"allow_roots": None, "default_backend": "instant"}) as server:
+        answers, _ = post(server.http_address, [item(image, tmp_path / "out", backend=None)])
+        assert answers[0].status == "success", answers[0].error
+    assert (keys_dir / "clients" / "gateway.key").is_file()
