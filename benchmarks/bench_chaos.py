@@ -83,8 +83,8 @@ def client_main(spec_path: str) -> int:
         writes[f"glb:{path}"] += 1
         return write_file(path, data)
 
-    def counted_package(folder, files):
-        written = write_package(folder, files)
+    def counted_package(folder, files, **kw):
+        written = write_package(folder, files, **kw)
         for path in written.values():
             if str(path).endswith(".sdf"):
                 writes[f"sdf:{path}"] += 1

@@ -352,3 +352,26 @@ def test_conversion_fields_are_checked_and_merged():
     ]:
         with pytest.raises(InputError, match=words):
             GeometryRequest(image_path="a.png", output_dir=".", **bad).convert_dict()
+
+
+def test_a_package_written_again_leaves_no_stale_file(fake_broker, inputs, tmp_path):
+    """A first run wrote three collision pieces, the second (collision hull)
+    one: the package folder is swapped whole, so no old piece is left beside
+    an SDF that names one."""
+    pieces = iter([3, 1])
+
+    def answer(command, message):
+        if command != Command.REQUEST:
+            return answer_requests(command, message)
+        stem, count = message.output_name, next(pieces)
+        files = {f"{stem}/{stem}.sdf": b"<sdf/>", **{f"{stem}/{stem}_collision_{i}.obj": b"v" for i in range(count)}}
+        return [protocol.Event(message.request_id, "glb_ready", glb=b"glTF-bytes"),
+                protocol.Result(message.request_id, ok=True, files=files, sdf_file=f"{stem}/{stem}.sdf")]
+
+    broker = fake_broker(answer)
+    request = GeometryRequest(image_path=inputs["box.glb"], output_dir=tmp_path, output_filename="box")
+    for _ in range(2):
+        with GeometryClient(broker.address, timeout_s=10) as client:
+            assert dict(client.generate([request]))[0].ok
+    assert sorted(p.name for p in (tmp_path / "box").iterdir()) == ["box.sdf", "box_collision_0.obj"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left

@@ -8,13 +8,14 @@ folders it names.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from geomgen import contract, defaults
+from geomgen.files import replace_dir, staging_dir, write_file
 from geomgen.errors import ConvertError, GenerateError, GeomgenError, InputError, TransportError
 
 FINAL = "final"  # GeometryEvent.kind of the one event per item that carries its result
@@ -182,20 +183,12 @@ def writable_dir(value: Any, field_name: str) -> Path:
     return path
 
 
-def write_file(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically."""
-    # Write beside and rename, so a reader never sees half a file.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+def write_package(root: Path, files: dict, *, replace_folders: bool = False) -> dict[str, Path]:
+    """Write ``files`` (relative POSIX path -> bytes) under ``root``; refuse paths leaving it.
 
-
-def write_package(root: Path, files: dict) -> dict[str, Path]:
-    """Write ``files`` (relative POSIX path -> bytes) under ``root``; refuse paths leaving it."""
+    With ``replace_folders`` each top-level folder of ``files`` (an SDF
+    package) is built beside and swapped in whole, so no file of an earlier
+    package of that name is left in it."""
     targets = {}
     base = root.resolve()
     for rel in files:
@@ -206,9 +199,19 @@ def write_package(root: Path, files: dict) -> dict[str, Path]:
             raise TransportError(f"the broker sent a file path that would leave {root}: {rel!r}; nothing was written",
                                  code="unsafe_path")
         targets[rel] = root / rel
-    for rel, target in targets.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_file(target, bytes(files[rel]))
+    folders = {PurePosixPath(rel).parts[0] for rel in targets if len(PurePosixPath(rel).parts) > 1}
+    staged = {top: staging_dir(root / top) for top in folders} if replace_folders else {}
+    try:
+        for rel in targets:
+            top, *rest = PurePosixPath(rel).parts
+            target = staged[top].joinpath(*rest) if top in staged and rest else targets[rel]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_file(target, bytes(files[rel]))
+        for top, staging in staged.items():
+            replace_dir(staging, root / top)
+    finally:
+        for staging in staged.values():
+            shutil.rmtree(staging, ignore_errors=True)
     return targets
 
 

@@ -27,11 +27,11 @@ from geomgen.batch import (
     GeometryResult,
     failure,
     final_event,
-    write_file,
     write_package,
 )
 from geomgen.client_items import Item, ItemBuilder, busy_retry_after_s
 from geomgen.client_pulse import Pulse
+from geomgen.files import write_file
 from geomgen.keys import PeerKeys, apply_client_curve, peer_keys_from_env
 from geomgen.errors import GeomgenError, InputError, ProtocolError, TransportError
 from geomgen.protocol import Command, EventKind
@@ -382,7 +382,7 @@ class GeometryClient:
             if item.request.want_sdf:
                 if not message.sdf_file or message.sdf_file not in message.files:
                     raise TransportError("the broker reported success but sent no SDF file", code="missing_output")
-                written = write_package(item.output_dir, message.files)
+                written = write_package(item.output_dir, message.files, replace_folders=True)
                 result.sdf_path = written[message.sdf_file]
                 result.package_dir = result.sdf_path.parent
         except GeomgenError as exc:

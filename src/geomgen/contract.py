@@ -222,6 +222,7 @@ class ConvertOptions:
     hydroelastic: bool = False  # write compliant hydroelastic properties
     hydroelastic_modulus_pa: float | None = None  # default from the material
     validate: bool = True  # load the SDF in Drake after writing, when pydrake is installed
+    formats: list[str] = field(default_factory=lambda: ["sdf"])  # simulator formats written (FORMATS); sdf always
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in field_names()}
@@ -281,8 +282,26 @@ def convert_options(data: Mapping[str, Any] | ConvertOptions | None) -> ConvertO
     for name in ("remove_floaters", "hydroelastic", "validate"):
         if name in values and not isinstance(values[name], bool):
             raise InputError(f"{name} must be true or false, got {values[name]!r}", code="bad_option")
+    values["formats"] = check_formats(values.get("formats", ["sdf"]))
     _check_hints(values)
     return ConvertOptions(**values)
+
+
+FORMATS = ("sdf", "mjcf", "urdf", "usd")  # Drake SDFormat, MuJoCo MJCF, URDF, OpenUSD (Isaac)
+
+
+def check_formats(value: Any) -> list[str]:
+    """The simulator formats asked for, in FORMATS order, ``sdf`` always among
+    them (the others are written from the same package). InputError ``bad_option``."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"formats must be a list of {', '.join(FORMATS)}, got {value!r}", code="bad_option")
+    unknown = sorted({v.lower() for v in value} - set(FORMATS))
+    if unknown:
+        raise InputError(f"unknown format(s) {', '.join(unknown)}; known: {', '.join(FORMATS)}", code="bad_option")
+    asked = {v.lower() for v in value} | {"sdf"}
+    return [f for f in FORMATS if f in asked]
 
 
 def _check_hints(values: dict[str, Any]) -> None:

@@ -23,7 +23,8 @@ from geomgen import convert_child, defaults, protocol
 from geomgen.contract import ConvertOptions
 from geomgen.convert_child import LOG_FILE, OUT_DIR, RESULT_FILE, Task
 from geomgen.errors import ConvertError, GeomgenError, Stage
-from geomgen.geometry.convert import convert_file, replace_dir
+from geomgen.files import replace_dir
+from geomgen.geometry.convert import convert_file
 from geomgen.geometry.decomposition import next_rung
 from geomgen.processes import describe_exit, end_process, signal_name
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import time
 import uuid
@@ -23,6 +22,7 @@ import numpy as np
 
 import geomgen
 from geomgen.errors import ConvertError, GeomgenError, InputError
+from geomgen.files import replace_dir
 from geomgen.geometry import materials
 from geomgen.geometry.decomposition import decompose
 from geomgen.geometry.frames import apply_transform, gltf_to_drake, input_transform
@@ -279,14 +279,3 @@ def _validate(sdf_path: Path, options: ConvertOptions, warnings: list[str]) -> b
 
     validate_sdf(sdf_path)
     return True
-
-
-def replace_dir(new: Path, final: Path) -> None:
-    """Move the finished package ``new`` to ``final``, replacing an older package there."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(final, old)
-    os.replace(new, final)
-    shutil.rmtree(old, ignore_errors=True)
