@@ -251,3 +251,38 @@ def test_server_starts_one_worker_per_gpu(tmp_path, monkeypatch):
     assert not server.log_dir.exists(), "the temporary log folder of a clean run is removed"
     seen = sorted(r.info["generate"]["cuda_visible_devices"] for r in results.values())
     assert seen == ["0", "1"], "each worker runs with CUDA_VISIBLE_DEVICES set to its own GPU"
+
+
+def test_generate_writes_other_formats_and_says_what_to_look_at(tmp_path):
+    """--format mjcf and urdf beside the SDF (paths in the JSON), --height sizes an
+    image, and without a size the terminal says the default size was used."""
+    out = tmp_path / "out"
+    done = geomgen("generate", str(SAMPLES / "chair.png"), "--out", str(out), "--collision", "hull", "--format", "mjcf",
+                   "--format", "urdf", "--height", "0.9", "--json", timeout_s=300)
+    assert done.returncode == 0, done.stderr
+    row = json_lines(done.stdout)[0]
+    assert Path(row["mjcf_path"]).name == "chair.xml" and Path(row["urdf_path"]).name == "chair.urdf"
+    assert Path(row["mjcf_path"]).is_file() and Path(row["urdf_path"]).is_file() and "warnings" in row
+    report = json.loads((out / "chair" / "chair.json").read_text())
+    assert report["bbox_m"][2] == pytest.approx(0.9, rel=1e-3)
+    assert "no --height" not in done.stderr
+    unsized = geomgen("generate", str(SAMPLES / "chair.png"), "--out", str(tmp_path / "unsized"), "--collision", "hull",
+                      "--no-sdf", timeout_s=300)
+    assert unsized.returncode == 0, unsized.stderr
+    assert "images carry no scale" in unsized.stderr and "--height" in unsized.stderr
+
+
+def test_convert_prints_warnings_and_other_formats(tmp_path):
+    big = tmp_path / "big.glb"
+    import trimesh
+
+    box = trimesh.creation.box(extents=(20.0, 20.0, 20.0))  # a 20 m cube: a unit mistake, most likely
+    box.apply_translation((0, 10.0, 0))
+    big.write_bytes(box.export(file_type="glb"))
+    done = geomgen("convert", str(big), "--out", str(tmp_path / "out"), "--collision", "hull", "--format", "urdf")
+    assert done.returncode == 0, done.stderr
+    assert "warning: the object is 20 m across" in done.stdout and "kg from" in done.stdout
+    as_json = geomgen("convert", str(big), "--out", str(tmp_path / "out2"), "--collision", "hull", "--format", "urdf",
+                      "--json")
+    row = json_lines(as_json.stdout)[0]
+    assert Path(row["urdf_path"]).is_file() and any("20 m across" in w for w in row["warnings"])

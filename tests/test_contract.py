@@ -160,7 +160,8 @@ def test_mass_and_material_together_give_the_mass_and_the_materials_friction():
 
 @pytest.mark.parametrize("data, words", [
     ({"mass_kg": 2, "density_kg_m3": 500}, "mass_kg or density_kg_m3"),
-    ({"dimensions": [1, 1, 1], "scale": 2}, "dimensions or scale"),
+    ({"dimensions": [1, 1, 1], "scale": 2}, "not dimensions and scale"),
+    ({"height_m": 0.3, "scale": 2}, "not scale and height_m"),
     ({"material": "unobtainium"}, "unknown material"),
     ({"mass_kg": -1}, "mass_kg must be a finite number > 0"),
     ({"dimensions": [1, 1]}, "three numbers"),

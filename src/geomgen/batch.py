@@ -21,6 +21,7 @@ from geomgen.errors import ConvertError, GenerateError, GeomgenError, InputError
 FINAL = "final"  # GeometryEvent.kind of the one event per item that carries its result
 _CONVERT_FIELDS = (
     "mass_kg", "density_kg_m3", "material", "mu", "dimensions", "scale", "collision", "collision_params", "hydroelastic",
+    "formats", "height_m",
 )
 ERROR_BY_STAGE = {"input": InputError, "generate": GenerateError, "convert": ConvertError, "transport": TransportError}
 
@@ -55,9 +56,11 @@ class GeometryRequest:
     mu: float | None = None
     dimensions: list[float] | None = None  # target bounding box x, y, z in metres (+Z up)
     scale: float | None = None
+    height_m: float | None = None  # uniform scale to this height (metres, +Z), when dimensions and scale are not given
     collision: str = "coacd"
     collision_params: dict = field(default_factory=dict)
     hydroelastic: bool = False
+    formats: list[str] = field(default_factory=lambda: ["sdf"])  # simulator formats: sdf, mjcf, urdf, usd
     convert_options: dict = field(default_factory=dict)
     want_sdf: bool = True
     no_worker_timeout_s: float | None = None  # broker's wait for a live worker; None: the broker's default
@@ -101,6 +104,29 @@ class GeometryResult:
     info: dict = field(default_factory=dict)
     backend: str = ""
     attempts: int = 0
+
+    def format_paths(self) -> dict[str, Path]:
+        """The package's file for each simulator format written (``sdf``, ``mjcf``,
+        ``urdf``, ``usd``), from the conversion report."""
+        if self.package_dir is None:
+            return {}
+        names = self.info.get("formats") if isinstance(self.info.get("formats"), dict) else {}
+        paths = {fmt: self.package_dir / rel for fmt, rel in names.items() if isinstance(rel, str)}
+        if self.sdf_path is not None:
+            paths["sdf"] = self.sdf_path
+        return paths
+
+    @property
+    def mjcf_path(self) -> Path | None:
+        return self.format_paths().get("mjcf")
+
+    @property
+    def urdf_path(self) -> Path | None:
+        return self.format_paths().get("urdf")
+
+    @property
+    def usd_path(self) -> Path | None:
+        return self.format_paths().get("usd")
 
     def raise_for_error(self) -> "GeometryResult":
         """Return self if ok, else raise the geomgen error of its stage."""

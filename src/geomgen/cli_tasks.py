@@ -113,14 +113,36 @@ def _row(result, input_path: Path) -> dict[str, Any]:
         "glb_path": str(result.glb_path) if result.glb_path else None,
         "sdf_path": str(result.sdf_path) if result.sdf_path else None,
         "stage": result.stage, "error": result.error, "seconds": round(result.timings.get("client_s", 0.0), 3),
-        "backend": result.backend or None,
+        "backend": result.backend or None, "warnings": result_warnings(result),
+        **{f"{fmt}_path": str(path) for fmt, path in result.format_paths().items() if fmt != "sdf"},
     }
+
+
+def sniff_kind_of(path: Path) -> str | None:
+    """"image" or "mesh" for an input file (by its first bytes and its name); None if unreadable."""
+    from geomgen.inputs import sniff_kind
+
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+        return sniff_kind(path.name, head)
+    except (OSError, GeomgenError):
+        return None
+
+
+def result_warnings(result) -> list[str]:
+    """What a person should know about a result: the converter's warnings and the backend's."""
+    info = result.info or {}
+    generate = info.get("generate") if isinstance(info.get("generate"), dict) else {}
+    found = [*(info.get("warnings") or []), *(generate.get("warnings") or [])]
+    return [str(w) for w in found]
 
 
 def _line(result, input_path: Path) -> str:
     if result.ok:
         target = result.sdf_path or result.glb_path
-        return f"ok     {input_path.name} -> {target}  [{result.backend}, {result.timings.get('client_s', 0):.1f} s]"
+        line = f"ok     {input_path.name} -> {target}  [{result.backend}, {result.timings.get('client_s', 0):.1f} s]"
+        return line + "".join(f"\n       warning: {w}" for w in result_warnings(result))
     return f"error  {input_path.name}: {result.stage}/{result.error_code}: {result.error}"
 
 
@@ -137,19 +159,22 @@ def _line(result, input_path: Path) -> str:
 @backend_options_option
 @convert_options
 @click.option("--no-sdf", is_flag=True, help="Stop after the GLB.")
+@click.option("--height", "height_m", type=click.FloatRange(min=0, min_open=True), metavar="METRES",
+              help="Height of the objects in the images (an image carries no scale): the silhouette backend "
+                   "builds them that tall and the SDF package is scaled to it.")
 @click.option("--sdf-workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="SDF processes of the embedded stack.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
 @click.option("--timeout", "timeout_s", type=float, default=defaults.CLIENT_TIMEOUT_S, show_default=True,
               help="Seconds of broker silence before outstanding inputs fail.")
 @peer_keys_option
-def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options, no_sdf, sdf_workers, as_json,
-             timeout_s, key, broker_key, **convert_params) -> None:
+def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options, no_sdf, height_m, sdf_workers,
+             as_json, timeout_s, key, broker_key, **convert_params) -> None:
     """Turn images (or meshes) into GLBs and Drake SDF packages.
 
     \b
     Examples:
-      geomgen generate chair.png --out assets/ --material wood
+      geomgen generate chair.png --out assets/ --material wood --height 0.9
       geomgen generate photos/*.jpg --out assets/ --broker hub --json
       geomgen generate table.obj --out assets/ --mass-kg 20 --dimensions 1.2 0.8 0.75
 
@@ -159,9 +184,19 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
     from geomgen.endpoints import parse_broker
 
     fields = convert_fields(convert_params)
+    backend_options = dict(backend_options)
+    if height_m is not None:
+        if fields.get("dimensions") or fields.get("scale"):
+            raise click.UsageError("give one of --height, --dimensions and --scale: each sets the size")
+        fields["height_m"] = height_m
+        backend_options.setdefault("silhouette.height_m", str(height_m))
+    elif not fields.get("dimensions") and not fields.get("scale") and any(
+            sniff_kind_of(path) == "image" for path in inputs):
+        click.echo("geomgen: warning: images carry no scale and no --height or --dimensions was given: objects "
+                   "get the backend's default size (silhouette: 1 m tall); give --height METRES", err=True)
     endpoints = parse_broker(broker) if broker else None
     requests = [GeometryRequest(image_path=path, output_dir=out_dir, backend=backend, scene_id=scene_id,
-                                prompt=prompt, backend_options=dict(backend_options), want_sdf=not no_sdf, **fields)
+                                prompt=prompt, backend_options=backend_options, want_sdf=not no_sdf, **fields)
                 for path in inputs]
     backends = [] if endpoints else choose_backends(list(inputs), backend)
 
@@ -318,12 +353,15 @@ def convert(meshes, out_dir, up_axis, timeout_s, as_json, **convert_params) -> N
     failed = 0
     for path in meshes:
         row: dict[str, Any] = {"input": str(path), "status": "ok", "sdf_path": None, "collision_pieces": None,
-                               "method": None, "mass_kg": None, "seconds": None, "error": None}
+                               "method": None, "mass_kg": None, "seconds": None, "error": None, "warnings": []}
         start = time.monotonic()
         try:
             info = convert_path(path, out_dir, options, timeout_s)
             row.update(sdf_path=info["sdf_path"], method=info.get("method"), mass_kg=info.get("mass_kg"),
-                       collision_pieces=info.get("pieces"), seconds=round(time.monotonic() - start, 3))
+                       collision_pieces=info.get("pieces"), seconds=round(time.monotonic() - start, 3),
+                       warnings=[str(w) for w in info.get("warnings") or []],
+                       **{f"{fmt}_path": str(Path(info["sdf_path"]).parent / rel)
+                          for fmt, rel in (info.get("formats") or {}).items() if fmt != "sdf"})
         except GeomgenError as exc:
             failed += 1
             row.update(status="error", error=f"{exc.stage.value}/{exc.code}: {exc.message}",
@@ -336,6 +374,8 @@ def convert(meshes, out_dir, up_axis, timeout_s, as_json, **convert_params) -> N
         elif row["status"] == "ok":
             click.echo(f"ok     {path.name} -> {row['sdf_path']}  [{row['method']}, {row['collision_pieces']} "
                        f"piece(s), {row['mass_kg']:.3f} kg, {row['seconds']:.1f} s]")
+            for warning in row["warnings"]:
+                click.echo(f"       warning: {warning}")
         else:
             click.echo(f"error  {path.name}: {row['error']}")
     sys.exit(EXIT_FAILED_ITEMS if failed else 0)

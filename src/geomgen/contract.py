@@ -215,6 +215,7 @@ class ConvertOptions:
     mu: float | None = None  # Coulomb friction; default from the material, else DEFAULT_MU
     dimensions: list[float] | None = None  # target bounding box, uniform scale to fit
     scale: float | None = None  # uniform scale
+    height_m: float | None = None  # uniform scale to this height (z extent, Drake frame), metres
     collision: str = "coacd"  # coacd | vhacd | hull
     collision_params: dict = field(default_factory=dict)  # that method's parameters (COLLISION_PARAMS)
     simplify_faces: int | None = None  # decimate to this many faces before decomposition; None: the default budget
@@ -262,7 +263,7 @@ def convert_options(data: Mapping[str, Any] | ConvertOptions | None) -> ConvertO
         raise InputError(f"unknown conversion option(s) {', '.join(unknown)}; known: {', '.join(field_names())}",
                          code="bad_option")
     values = {k: v for k, v in data.items()}
-    for name in ("mass_kg", "density_kg_m3", "scale", "hydroelastic_modulus_pa"):
+    for name in ("mass_kg", "density_kg_m3", "scale", "height_m", "hydroelastic_modulus_pa"):
         values[name] = _positive(name, values.get(name))
     values["mu"] = _friction(values.get("mu"))
     values["dimensions"] = _dimensions(values.get("dimensions"))
@@ -310,8 +311,10 @@ def _check_hints(values: dict[str, Any]) -> None:
         raise InputError("give mass_kg or density_kg_m3, not both: the density only serves to compute the mass "
                          "(a material may go with either: it sets the friction, and the density when no mass "
                          "is given)", code="bad_option")
-    if values.get("dimensions") is not None and values.get("scale") is not None:
-        raise InputError("give dimensions or scale, not both: each sets the object's size", code="bad_option")
+    sizes = [name for name in ("dimensions", "scale", "height_m") if values.get(name) is not None]
+    if len(sizes) > 1:
+        raise InputError(f"give one of dimensions, scale and height_m, not {' and '.join(sizes)}: each sets the "
+                         "object's size", code="bad_option")
 
 
 def _is_number(value: Any) -> bool:

@@ -25,6 +25,7 @@ from geomgen.errors import ConvertError, GeomgenError, InputError
 from geomgen.files import replace_dir
 from geomgen.geometry import materials
 from geomgen.geometry.decomposition import decompose
+from geomgen.geometry.formats import write_formats
 from geomgen.geometry.frames import apply_transform, gltf_to_drake, input_transform
 from geomgen.geometry.inertia import check_not_flat, mass_properties
 from geomgen.contract import ConvertOptions, check_output_name, convert_options, sanitize_stem
@@ -62,6 +63,7 @@ class ConversionReport:
     validated: bool
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # simulator format -> its file in the package
 
     def to_dict(self) -> dict:
         """JSON-safe form; paths are relative to package_dir (which is left out)."""
@@ -182,7 +184,7 @@ def _build(
             raise ConvertError(f"{input_name}: {exc.message}", code="bad_visual") from None
 
     vertices, faces = scene_triangles(scene)
-    transform, notes = input_transform(vertices, options.up_axis, options.dimensions, options.scale)
+    transform, notes = input_transform(vertices, options.up_axis, options.dimensions, options.scale, options.height_m)
     warnings += notes
     visual_drake = gltf_to_drake(apply_transform(vertices, transform))
     check_not_flat(visual_drake)
@@ -226,6 +228,13 @@ def _build(
         sdf_text(name, props.mass_kg, props.com_m, props.inertia_kg_m2, files[0].name, collision_uris, mu, modulus)
     )
     files.insert(0, sdf_path)
+    visual_gltf = files[1]  # write_visual's .gltf comes first of its files
+    extra = write_formats(folder, name, options.formats, visual_gltf=visual_gltf,
+                          collision_files=[folder / uri for uri in collision_uris], mass_kg=props.mass_kg,
+                          com_m=props.com_m, inertia_kg_m2=props.inertia_kg_m2, mu=mu)
+    files[1:1] = extra.files
+    formats = {"sdf": sdf_path.name, **{fmt: path.name for fmt, path in extra.paths.items()}}
+    warnings += plausibility_warnings(visual_drake, props.mass_kg, options)
 
     validated = _validate(sdf_path, options, warnings)
     bounds = np.array([visual_drake.min(axis=0), visual_drake.max(axis=0)])
@@ -249,6 +258,7 @@ def _build(
         validated=validated,
         seconds=0.0,
         warnings=warnings,
+        formats=formats,
     )
     manifest_path = folder / f"{name}.json"
     files.append(manifest_path)
@@ -266,6 +276,28 @@ def _build(
     }
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return report
+
+
+# An object outside these is more likely a mistake (no size given, the wrong unit) than a real one.
+PLAUSIBLE_SIZE_M = (0.005, 10.0)  # largest extent of the bounding box, metres
+PLAUSIBLE_MASS_KG = 100.0  # a mass computed from a density above this is flagged
+
+
+def plausibility_warnings(vertices_m: np.ndarray, mass_kg: float, options: ConvertOptions) -> list[str]:
+    """Sentences for a size or a computed mass a person should look at twice:
+    ``vertices_m`` (N, 3) in the body frame, metres."""
+    out = []
+    largest = float(np.ptp(np.asarray(vertices_m, dtype=float), axis=0).max())
+    low, high = PLAUSIBLE_SIZE_M
+    sized = options.dimensions is not None or options.scale is not None or options.height_m is not None
+    if not low <= largest <= high:
+        out.append(f"the object is {largest:.3g} m across, outside {low:g} to {high:g} m: check its unit"
+                   + ("" if sized else ", or give its size (dimensions, scale, or --height for an image)"))
+    if options.mass_kg is None and mass_kg > PLAUSIBLE_MASS_KG:
+        source = f"the {options.material} density" if options.material else "its density"
+        out.append(f"{mass_kg:.4g} kg from {source} and a size of {largest:.3g} m; if that is not its real weight, "
+                   "give mass_kg or its size")
+    return out
 
 
 def _validate(sdf_path: Path, options: ConvertOptions, warnings: list[str]) -> bool:

@@ -35,6 +35,7 @@ def input_transform(
     up_axis: str = "y",
     dimensions: list[float] | None = None,
     scale: float | None = None,
+    height_m: float | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """The 4x4 transform taking the input mesh's coordinates into the glTF frame of the package.
 
@@ -42,7 +43,8 @@ def input_transform(
     ``up_axis`` "z" turns the input +Z up into +Y up first. ``dimensions`` is the
     target bounding box x, y, z of the Drake body frame in metres: one uniform
     scale makes the mesh fit inside it (the tightest axis decides). Without
-    dimensions, ``scale`` multiplies every coordinate; with neither the size is
+    dimensions, ``height_m`` scales uniformly to that height (the Drake frame's
+    z extent), else ``scale`` multiplies every coordinate; with none the size is
     kept. Returns (transform (4, 4), warnings).
     """
     if up_axis not in ("y", "z"):
@@ -69,6 +71,11 @@ def input_transform(
             warnings.append(
                 "kept the mesh's proportions, so it fits the requested dimensions without filling them: " + ", ".join(off)
             )
+    elif height_m is not None:
+        height_now = float(np.ptp(gltf_to_drake(np.asarray(points, dtype=float) @ rotation.T)[:, 2]))
+        if height_now <= 0:
+            raise InputError("the mesh has no height to scale to the requested height", code="zero_volume")
+        factor = float(height_m) / height_now
     elif scale is not None:
         factor = float(scale)
     transform = np.eye(4)
