@@ -266,3 +266,18 @@ def test_real_meshes_in_every_format(tmp_path, asset):
     _judge_mujoco(report, written.paths["mjcf"])
     _judge_drake(report, written.paths["urdf"])
     _judge_usd(report, written.paths["usd"])
+
+
+def test_usd_without_usd_core_is_refused_before_any_work(monkeypatch):
+    """Where the conversion is taken on (the SDF worker's job check, geomgen
+    convert's options), not after the collision shapes are built."""
+    import importlib.util
+
+    from geomgen.geometry import formats as formats_module
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pxr" else real(name, *a))
+    with pytest.raises(InputError) as info:
+        formats_module.check_writable(["sdf", "usd"])
+    assert info.value.code == "missing_dependency" and "geomgen[usd]" in info.value.message
+    formats_module.check_writable(["sdf", "mjcf", "urdf"])  # the others need nothing more

@@ -345,9 +345,11 @@ def convert(meshes, out_dir, up_axis, timeout_s, as_json, **convert_params) -> N
 
     from geomgen.contract import convert_options as checked_convert_options
     from geomgen.conversion import convert_path
+    from geomgen.geometry.formats import check_writable
 
     try:
         options = checked_convert_options({**convert_fields(convert_params), "up_axis": up_axis})
+        check_writable(options.formats)
     except GeomgenError as exc:
         raise click.UsageError(exc.message) from None
     failed = 0

@@ -26,6 +26,7 @@ import zmq
 from geomgen import contract, convert_child, defaults, protocol
 from geomgen.conversion import KILL_WAIT_S, Conversion, package_files
 from geomgen.endpoints import Endpoints
+from geomgen.geometry.formats import check_writable
 from geomgen.keys import PeerKeys, apply_client_curve
 from geomgen.lifecycle import stop_on_signals
 from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
@@ -315,7 +316,9 @@ def _checked_options(job: protocol.SdfJob) -> contract.ConvertOptions:
     contract.check_output_name(job.name, "output name")
     if not job.glb:
         raise InputError("the job carries no GLB bytes", code="bad_mesh")
-    return contract.convert_options(job.convert)
+    options = contract.convert_options(job.convert)
+    check_writable(options.formats)  # e.g. usd on a worker without usd-core: fails now, not after CoACD
+    return options
 
 
 def _job_of(held: _Held) -> protocol.SdfJob:

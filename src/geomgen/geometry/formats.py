@@ -103,6 +103,14 @@ def write_formats(
     return result
 
 
+def check_writable(formats: Sequence[str]) -> None:
+    """InputError ``missing_dependency`` if a format asked for cannot be written
+    in this process (usd without usd-core): checked where a conversion is taken
+    on, before any work, not half-way through it."""
+    if "usd" in formats:
+        _require_pxr()
+
+
 def _require_pxr() -> None:
     if importlib.util.find_spec("pxr") is None:
         raise InputError(
