@@ -37,6 +37,25 @@ class VisualMesh:
     obj: Path | None = None  # <name>_visual.obj, once written
 
 
+@dataclass(frozen=True)
+class Body:
+    """What every format writes of one rigid body, in the +Z-up body frame:
+    the visual, the convex collision pieces (OBJ files beside the output),
+    the mass, the centre of mass ``com_m`` (3,) and the inertia
+    ``inertia_kg_m2`` (3, 3) about it, and the friction coefficient ``mu``."""
+
+    name: str
+    visual: VisualMesh
+    collision_files: list[Path]
+    mass_kg: float
+    com_m: np.ndarray
+    inertia_kg_m2: np.ndarray
+    mu: float
+
+    def fields(self) -> tuple:
+        return (self.name, self.visual, self.collision_files, self.mass_kg, self.com_m, self.inertia_kg_m2, self.mu)
+
+
 @dataclass
 class FormatFiles:
     """What write_formats wrote: ``paths`` maps each format asked for ("mjcf",
@@ -84,20 +103,21 @@ def write_formats(
     collisions = [Path(p) for p in collision_files]
     visual = read_visual(Path(visual_gltf), folder / f"{name}_visual.png")
     shared = write_visual_obj(folder, name, visual)
+    body = Body(name, visual, collisions, float(mass_kg), com, inertia, float(mu))
 
     for fmt in (f for f in EXTRA_FORMATS if f in asked):
         if fmt == "mjcf":
             from geomgen.geometry.mjcf import write_mjcf
 
-            path = write_mjcf(folder / f"{name}.xml", name, visual, collisions, mass_kg, com, inertia, mu)
+            path = write_mjcf(folder / f"{name}.xml", body)
         elif fmt == "urdf":
             from geomgen.geometry.urdf import write_urdf
 
-            path = write_urdf(folder / f"{name}.urdf", name, visual, collisions, mass_kg, com, inertia, mu)
+            path = write_urdf(folder / f"{name}.urdf", body)
         else:
             from geomgen.geometry.usd import write_usd
 
-            path = write_usd(folder / f"{name}.usda", name, visual, collisions, mass_kg, com, inertia, mu)
+            path = write_usd(folder / f"{name}.usda", body)
         result.paths[fmt] = path
     result.files = list(result.paths.values()) + shared
     return result

@@ -13,20 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from geomgen.geometry.formats import VisualMesh, num
+from geomgen.geometry.formats import Body, VisualMesh, num
 
 
-def mjcf_text(
-    name: str,
-    visual: VisualMesh,
-    collision_files: list[Path],
-    mass_kg: float,
-    com_m: np.ndarray,
-    inertia_kg_m2: np.ndarray,
-    mu: float,
-) -> str:
-    """The MJCF document; mesh and texture files are named relative to it.
-    ``com_m`` (3,), ``inertia_kg_m2`` (3, 3) about the COM, +Z-up body frame."""
+def mjcf_text(body: Body) -> str:
+    """The MJCF document of ``body``; mesh and texture files are named relative to it."""
+    name, visual, collision_files, mass_kg, com_m, inertia_kg_m2, mu = body.fields()
     root = ET.Element("mujoco", {"model": name})
     # Explicit inertial only; meshes are read as they are (no recentring to their own COM matters here).
     ET.SubElement(root, "compiler", {"angle": "radian", "inertiafromgeom": "false", "autolimits": "true"})
@@ -81,16 +73,7 @@ def _visual_file(name: str, visual: VisualMesh) -> str:
     return visual.obj.name if visual.obj is not None else f"{name}_visual.obj"
 
 
-def write_mjcf(
-    path: Path,
-    name: str,
-    visual: VisualMesh,
-    collision_files: list[Path],
-    mass_kg: float,
-    com_m: np.ndarray,
-    inertia_kg_m2: np.ndarray,
-    mu: float,
-) -> Path:
+def write_mjcf(path: Path, body: Body) -> Path:
     """Write mjcf_text to ``path`` (beside the meshes it names) and return it."""
-    Path(path).write_text(mjcf_text(name, visual, collision_files, mass_kg, com_m, inertia_kg_m2, mu))
+    Path(path).write_text(mjcf_text(body))
     return Path(path)

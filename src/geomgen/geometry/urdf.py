@@ -13,23 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from geomgen.geometry.formats import VisualMesh, num
+from geomgen.geometry.formats import Body, num
 from geomgen.geometry.sdf import DRAKE_NS
 
 LINK = "base_link"
 
 
-def urdf_text(
-    name: str,
-    visual: VisualMesh,
-    collision_files: list[Path],
-    mass_kg: float,
-    com_m: np.ndarray,
-    inertia_kg_m2: np.ndarray,
-    mu: float,
-) -> str:
+def urdf_text(body: Body) -> str:
     """The URDF document. ``com_m`` (3,), ``inertia_kg_m2`` (3, 3) about the COM,
     axes of the link frame (+Z up), as URDF's ``<inertial><origin>`` means them."""
+    name, visual, collision_files, mass_kg, com_m, inertia_kg_m2, mu = body.fields()
     ET.register_namespace("drake", DRAKE_NS)
     drake = f"{{{DRAKE_NS}}}"
     robot = ET.Element("robot", {"name": name})
@@ -78,16 +71,7 @@ def urdf_text(
     return "<?xml version='1.0' encoding='utf-8'?>\n" + ET.tostring(robot, encoding="unicode") + "\n"
 
 
-def write_urdf(
-    path: Path,
-    name: str,
-    visual: VisualMesh,
-    collision_files: list[Path],
-    mass_kg: float,
-    com_m: np.ndarray,
-    inertia_kg_m2: np.ndarray,
-    mu: float,
-) -> Path:
+def write_urdf(path: Path, body: Body) -> Path:
     """Write urdf_text to ``path`` (beside the meshes it names) and return it."""
-    Path(path).write_text(urdf_text(name, visual, collision_files, mass_kg, com_m, inertia_kg_m2, mu))
+    Path(path).write_text(urdf_text(body))
     return Path(path)

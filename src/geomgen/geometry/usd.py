@@ -12,22 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from geomgen.geometry.formats import VisualMesh, principal_axes, quat_wxyz
+from geomgen.geometry.formats import Body, principal_axes, quat_wxyz
 
 
-def write_usd(
-    path: Path,
-    name: str,
-    visual: VisualMesh,
-    collision_files: list[Path],
-    mass_kg: float,
-    com_m: np.ndarray,
-    inertia_kg_m2: np.ndarray,
-    mu: float,
-) -> Path:
+def write_usd(path: Path, body: Body) -> Path:
     """Write the stage to ``path`` (beside the texture it names) and return it.
     ``com_m`` (3,), ``inertia_kg_m2`` (3, 3) about the COM, +Z-up body frame.
     USD stores these as 32-bit floats."""
+    name, visual, collision_files, mass_kg, com_m, inertia_kg_m2, mu = body.fields()
     import trimesh
     from pxr import Gf, Sdf, Usd, UsdGeom, UsdPhysics, UsdShade, Vt
 
