@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from geomgen import contract, defaults
-from geomgen.files import replace_dir, staging_dir, write_file
+from geomgen.files import replace_dir, resolved_within, staging_dir, write_file
 from geomgen.errors import ConvertError, GenerateError, GeomgenError, InputError, TransportError
 
 FINAL = "final"  # GeometryEvent.kind of the one event per item that carries its result
@@ -216,12 +216,11 @@ def write_package(root: Path, files: dict, *, replace_folders: bool = False) -> 
     package) is built beside and swapped in whole, so no file of an earlier
     package of that name is left in it."""
     targets = {}
-    base = root.resolve()
     for rel in files:
         parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
-        target = (root / rel).resolve() if parts else base
+        target = resolved_within(root / rel, root) if parts else None
         if (not parts or rel.startswith("/") or "\\" in rel or ".." in parts or "\0" in rel
-                or not isinstance(files[rel], (bytes, bytearray)) or base not in target.parents):
+                or not isinstance(files[rel], (bytes, bytearray)) or target in (None, root.resolve())):
             raise TransportError(f"the broker sent a file path that would leave {root}: {rel!r}; nothing was written",
                                  code="unsafe_path")
         targets[rel] = root / rel

@@ -11,6 +11,16 @@ import uuid
 from pathlib import Path
 
 
+def resolved_within(path: str | os.PathLike, folder: str | os.PathLike) -> Path | None:
+    """``path`` with symlinks and ``..`` resolved, if it is ``folder`` (resolved
+    too) or lies below it; None if it lands anywhere else. The one rule for
+    "only inside this folder": the gateway's allowed roots, a glTF's or OBJ's
+    references, a package the broker sends back."""
+    base = Path(os.path.realpath(folder))
+    target = Path(os.path.realpath(path))
+    return target if target == base or base in target.parents else None
+
+
 def write_file(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
     # Write beside and rename, so a reader never sees half a file.

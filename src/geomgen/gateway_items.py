@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from geomgen.batch import GeometryRequest, GeometryResult, read_input
 from geomgen.errors import GeomgenError, InputError
+from geomgen.files import resolved_within
 
 REQUIRED_KEYS = ("image_path", "output_dir", "prompt")
 OPTIONAL_KEYS = ("debug_folder", "output_filename", "backend", "sam3d_config", "scene_id")
@@ -112,7 +113,7 @@ class Roots:
     def check(self, field_name: str, value: str) -> Path:
         """``value`` resolved (symlinks and ``..``); InputError ``outside_roots`` if it leaves every root."""
         resolved = Path(os.path.realpath(os.path.expanduser(value)))
-        if self.roots is None or any(resolved == r or r in resolved.parents for r in self.roots):
+        if self.roots is None or any(resolved_within(resolved, root) for root in self.roots):
             return resolved
         raise InputError(f"{field_name} {value} resolves to {resolved}, outside this gateway's allowed roots "
                          f"({self}); start the gateway with --allow-root covering it", code="outside_roots")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from geomgen import defaults
 from geomgen.errors import InputError
+from geomgen.files import resolved_within
 
 if TYPE_CHECKING:  # PIL is a core dependency, but only decode_image needs it
     import PIL.Image
@@ -176,8 +177,9 @@ def local_reference(folder: Path, reference: str, what: str) -> Path:
     if not reference or "\0" in reference or "://" in reference or reference.lower().startswith("file:"):
         raise InputError(f"{what} references {reference!r}, which is not a file beside it; only files inside "
                          f"{folder} are read", code="unsafe_reference")
-    target = Path(os.path.realpath(base / reference))
-    if target != base and base not in target.parents:
+    target = resolved_within(base / reference, base)
+    if target is None:
+        target = Path(os.path.realpath(base / reference))
         raise InputError(f"{what} references {reference!r}, which resolves to {target}, outside {folder}; only "
                          "files inside the input's folder are read", code="unsafe_reference")
     return target
