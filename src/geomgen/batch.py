@@ -163,19 +163,6 @@ def failure(index: int, request: Any, exc: GeomgenError) -> GeometryResult:
                           error=exc.message, backend=backend if isinstance(backend, str) else "")
 
 
-def local_backend(backend: str) -> type | None:
-    """The Backend class registered here as ``backend``; None if unknown here (a
-    plug-in registered only at the broker's side) or not importable here."""
-    from geomgen.backends import backend_names, load_backend_class
-
-    if backend not in backend_names():
-        return None
-    try:
-        return load_backend_class(backend)
-    except GeomgenError:
-        return None
-
-
 def read_input(path: Path) -> bytes:
     """The bytes of an input file, at most defaults.MAX_INPUT_BYTES; raises InputError."""
     try:

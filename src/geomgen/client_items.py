@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from geomgen import defaults, protocol
-from geomgen.batch import GeometryRequest, check_request, local_backend
+from geomgen.backends import GPU_BACKENDS, find_backend_class
+from geomgen.batch import GeometryRequest, check_request
 from geomgen.contract import check_backend_options
 from geomgen.errors import GeomgenError, InputError
 
@@ -84,14 +85,12 @@ class ItemBuilder:
 
     def _backend_class(self, backend: str) -> type | None:
         if backend not in self._classes:
-            self._classes[backend] = local_backend(backend)
+            self._classes[backend] = find_backend_class(backend)
         return self._classes[backend]
 
     def _auto_image_backend(self) -> str:
         """The first GPU backend with a live worker at the broker, else silhouette (once per call)."""
         if self._auto_backend is None:
-            from geomgen.backends import GPU_BACKENDS
-
             try:
                 alive = self._health().get("backends", {})
                 self._auto_backend = next(

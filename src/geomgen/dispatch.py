@@ -16,13 +16,13 @@ from typing import Any, Iterable, Protocol
 
 from geomgen import defaults
 from geomgen.admission import Admission, Limits
-from geomgen.backends import load_backend_class
+from geomgen.backends import find_backend_class
 from geomgen.contract import check_backend_options
 from geomgen.deadlines import Deadlines
 from geomgen.dispatch_guards import Guards
 from geomgen.dispatch_sdf import SdfStage
 from geomgen.dispatch_workers import GpuWorkers
-from geomgen.errors import GeomgenError, InputError, Stage
+from geomgen.errors import InputError, Stage
 from geomgen.jobs import JobRecord, validate_request
 from geomgen.protocol import (
     BrokerHeartbeat,
@@ -146,10 +146,10 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
     def option_specs(self, backend: str) -> tuple | None:
         """The options ``backend`` declares (OptionSpec), or None when undeclared or unknown here."""
         if backend not in self.declared:
-            try:
-                self.declared[backend] = load_backend_class(backend).options_spec
-            except GeomgenError:  # a plug-in installed only where its workers run: learnt at READY
+            cls = find_backend_class(backend)
+            if cls is None:  # a plug-in installed only where its workers run: learnt at READY
                 return None
+            self.declared[backend] = cls.options_spec
         return self.declared[backend]
 
     def reject(self, identity: bytes, request_id: str, backend: str, stage: Any, code: str, message: str,

@@ -25,6 +25,7 @@ __all__ = [
     "CPU_BACKENDS",
     "backend_names",
     "load_backend_class",
+    "find_backend_class",
 ]
 
 # name -> "module:attribute"
@@ -84,3 +85,13 @@ def load_backend_class(name: str) -> type[Backend]:
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise BackendUnavailable(f"backend {name!r}: {spec} is not a geomgen Backend subclass")
     return cls
+
+
+def find_backend_class(name: str) -> type[Backend] | None:
+    """The Backend subclass registered here as ``name``, or None when it is not
+    registered or not importable here (a plug-in installed only where its
+    workers run): the client and the broker then leave its checks to them."""
+    try:
+        return load_backend_class(name)
+    except (UnknownBackend, BackendUnavailable):
+        return None
