@@ -68,7 +68,9 @@ def test_a_killed_clients_queued_jobs_are_dropped(procs, endpoints, tmp_path):
     stats = wait_for(lambda: (lambda s: s if not s["workers"][0]["busy"] else None)(_health(endpoints)),
                      timeout_s=30, what="the worker to go idle")
     assert stats["workers"][0]["completed"] <= 4  # those that ran before the window ran out, and the last one
-    assert stats["completed"] + stats["jobs_dropped"] == 20  # every job accounted for, none run twice
+    # Every job the broker accepted is accounted for, none run twice. (A request still in the killed
+    # process's socket buffer never reached the broker: accepted may be a little under 20.)
+    assert stats["completed"] + stats["jobs_dropped"] == stats["accepted"] and 17 <= stats["accepted"] <= 20
 
 
 def test_a_client_that_holds_the_thread_between_results_is_kept(procs, endpoints, tmp_path):
