@@ -60,3 +60,9 @@ MAX_INPUT_BYTES = 64 * 1024 * 1024  # largest input file a client will send, byt
 # --- conversion --------------------------------------------------------------
 DENSITY_KG_M3 = 500.0  # used when neither mass_kg, density_kg_m3 nor material is given
 SILHOUETTE_HEIGHT_M = 1.0  # height of a silhouette reconstruction when no size is asked
+
+# --- result cache (cache.py) ---------------------------------------------------
+CACHE_SIZE_BYTES = 10 * 1024**3  # what the result cache may hold on disk, bytes (--cache-size); LRU beyond
+# Largest entry stored (a GLB with its debug files, or an SDF package), bytes. It bounds what one
+# cache hit reads inside the broker loop: about 30-60 ms and twice this in memory, once per hit.
+CACHE_MAX_ENTRY_BYTES = 64 * 1024 * 1024
