@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from geomgen import __version__, contract, defaults
+from geomgen import __version__, config, contract, defaults, logs
 from geomgen.admission import Limits
 from geomgen.endpoints import Endpoints, parse_broker
 from geomgen.errors import GeomgenError, InputError
@@ -32,7 +32,10 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except GeomgenError as exc:
-            click.echo(f"geomgen: error: {exc}", err=True)
+            if logs.json_active():  # a log shipper reads stderr: keep every line JSON
+                logging.getLogger("geomgen").error("%s", exc)
+            else:
+                click.echo(f"geomgen: error: {exc}", err=True)
             ctx.exit(EXIT_ERROR)
         except KeyboardInterrupt:
             click.echo("geomgen: interrupted", err=True)
@@ -90,12 +93,13 @@ def peer_keys(key: str | None, broker_key: str | None):
 
 
 def verbose_option(fn):
+    """-v/-vv, --log-level and --log-format (logs.py): how a process logs on stderr."""
+    fn = logs.log_options(fn)
     return click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")(fn)
 
 
-def _logging(verbose: int, default: int = logging.INFO) -> None:
-    level = default if not verbose else (logging.INFO if verbose == 1 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+def _logging(verbose: int) -> None:
+    logs.setup_from_context(verbose)
 
 
 def convert_options(fn):
@@ -156,7 +160,9 @@ def _number_or_text(value: str) -> Any:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="geomgen")
-def cli() -> None:
+@config.config_option
+@click.pass_context
+def cli(ctx: click.Context, config_file: Path | None) -> None:
     """geomgen: pictures of objects in, simulation-ready Drake SDFormat assets out.
 
     \b
@@ -169,7 +175,10 @@ def cli() -> None:
       geomgen gpu-worker --backend hunyuan3d --gpu 0 --broker HUB --key gpu1.key_secret --broker-key broker.key
       geomgen sdf-worker --procs 8 --broker HUB --key cpu1.key_secret --broker-key broker.key
       geomgen generate photos/*.png --out assets/ --broker HUB --key me.key_secret --broker-key broker.key
+    Settings also come from the environment (GEOMGEN_BROKER=HUB, GEOMGEN_<COMMAND>_<OPTION>) and
+    from --config FILE; `geomgen config show COMMAND` prints each one and where it came from.
     """
+    config.apply(ctx, config_file)
 
 
 def main() -> None:
@@ -370,3 +379,7 @@ cli.add_command(cli_keys.keys)
 from geomgen import cli_gateway  # noqa: E402
 
 cli.add_command(cli_gateway.gateway)
+
+from geomgen import cli_config  # noqa: E402
+
+cli.add_command(cli_config.config_group)
