@@ -83,7 +83,7 @@ def test_box_package_layout_mass_and_inertia(tmp_path):
     package = tmp_path / "box"
     assert report.package_dir == package and report.sdf_path == package / "box.sdf"
     names = {p.name for p in report.files}
-    assert names == {"box.sdf", "box.gltf", "box.bin", "box_collision_0.obj", "box.json"}
+    assert names == {"box.sdf", "box.gltf", "box.bin", "box_collision_0.obj", "preview.png", "box.json"}
     assert sorted(p.name for p in package.iterdir()) == sorted(names)
     assert report.validated and report.watertight and report.inertia_source == "mesh"
     assert report.method == "hull" and report.pieces == 1 and report.fallbacks == []

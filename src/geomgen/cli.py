@@ -383,3 +383,7 @@ cli.add_command(cli_gateway.gateway)
 from geomgen import cli_config  # noqa: E402
 
 cli.add_command(cli_config.config_group)
+
+from geomgen import cli_report  # noqa: E402
+
+cli.add_command(cli_report.report)

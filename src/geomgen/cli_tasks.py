@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import click
 
-from geomgen import defaults
+from geomgen import cli_report, defaults
 from geomgen.cli import (
     EXIT_FAILED_ITEMS,
     convert_fields,
@@ -213,6 +213,8 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
     used = sorted({r.backend for r in results if r.ok and r.backend})
     click.echo(f"geomgen: {len(results) - failed} ok, {failed} failed; backend(s) used: {', '.join(used) or '-'}; "
                f"outputs in {out_dir}", err=True)
+    if not no_sdf:
+        click.echo(cli_report.report_line(out_dir), err=True)
     sys.exit(EXIT_FAILED_ITEMS if failed else 0)
 
 
@@ -266,6 +268,7 @@ def demo(out_dir, collision, sdf_workers) -> None:
     failed = sum(not r.ok for r in results)
     click.echo(f"\nSDF packages in {out_dir.resolve()}/<name>/<name>.sdf; {len(results) - failed} of "
                f"{len(results)} ok.")
+    click.echo(cli_report.report_line(out_dir))
     sys.exit(EXIT_FAILED_ITEMS if failed else 0)
 
 

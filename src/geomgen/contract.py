@@ -224,6 +224,7 @@ class ConvertOptions:
     hydroelastic_modulus_pa: float | None = None  # default from the material
     validate: bool = True  # load the SDF in Drake after writing, when pydrake is installed
     formats: list[str] = field(default_factory=lambda: ["sdf"])  # simulator formats written (FORMATS); sdf always
+    preview: bool = True  # render preview.png (visual | collision pieces) into the package, when pydrake is installed
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in field_names()}
@@ -280,7 +281,7 @@ def convert_options(data: Mapping[str, Any] | ConvertOptions | None) -> ConvertO
     material = values.get("material")
     if material is not None and (not isinstance(material, str) or material not in MATERIALS):
         raise InputError(f"unknown material {material!r}; known: {', '.join(sorted(MATERIALS))}", code="bad_option")
-    for name in ("remove_floaters", "hydroelastic", "validate"):
+    for name in ("remove_floaters", "hydroelastic", "validate", "preview"):
         if name in values and not isinstance(values[name], bool):
             raise InputError(f"{name} must be true or false, got {values[name]!r}", code="bad_option")
     values["formats"] = check_formats(values.get("formats", ["sdf"]))

@@ -28,6 +28,7 @@ from geomgen.geometry.decomposition import decompose
 from geomgen.geometry.formats import write_formats
 from geomgen.geometry.frames import apply_transform, gltf_to_drake, input_transform
 from geomgen.geometry.inertia import check_not_flat, mass_properties
+from geomgen.geometry.preview import PREVIEW_FILE, write_preview
 from geomgen.contract import ConvertOptions, check_output_name, convert_options, sanitize_stem
 from geomgen.geometry.repair import make_solid, scene_triangles
 from geomgen.geometry.sdf import SDF_VERSION, sdf_text, write_obj
@@ -64,6 +65,10 @@ class ConversionReport:
     seconds: float
     warnings: list[str] = field(default_factory=list)
     formats: dict[str, str] = field(default_factory=dict)  # simulator format -> its file in the package
+    preview: str | None = None  # the package's preview image (visual | collision), None when not rendered
+    # Each simulator's check of the package: {"drake": {"status": "passed" | "skipped" | "failed", "detail": ...}}
+    checks: dict[str, dict] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)  # seconds per stage (load, repair, decompose...)
 
     def to_dict(self) -> dict:
         """JSON-safe form; paths are relative to package_dir (which is left out)."""
@@ -173,6 +178,7 @@ def _build(
 ) -> ConversionReport:
     from geomgen.geometry.meshio import export_glb, load_mesh
 
+    stages = _Stages(start)
     scene = load_mesh(data, input_name)
     warnings = [str(w) for w in scene.metadata.get("warnings", [])]
     if data[:4] == b"glTF":
@@ -184,6 +190,7 @@ def _build(
             raise ConvertError(f"{input_name}: {exc.message}", code="bad_visual") from None
 
     vertices, faces = scene_triangles(scene)
+    stages.mark("load")
     transform, notes = input_transform(vertices, options.up_axis, options.dimensions, options.scale, options.height_m)
     warnings += notes
     visual_drake = gltf_to_drake(apply_transform(vertices, transform))
@@ -192,6 +199,7 @@ def _build(
     warnings += solid.warnings
     solid_drake = gltf_to_drake(solid.vertices)
     check_not_flat(solid_drake)
+    stages.mark("repair")
 
     pieces = decompose(
         solid_drake,
@@ -203,11 +211,13 @@ def _build(
     warnings += pieces.warnings
     if pieces.fallbacks:
         warnings.append(f"collision pieces made by {pieces.method} after: " + "; ".join(pieces.fallbacks))
+    stages.mark("decompose")
 
     material = materials.MATERIALS.get(options.material) if options.material else None
     props = mass_properties(solid_drake, solid.faces, solid.watertight, pieces.pieces, options.mass_kg,
                             options.density())
     warnings += props.warnings
+    stages.mark("mass")
     mu = options.friction()
     modulus = None
     if options.hydroelastic:
@@ -216,6 +226,7 @@ def _build(
         )
 
     files = write_visual(glb, folder, name, transform)
+    stages.mark("visual")
     collision_uris = []
     for index, (piece_vertices, piece_faces) in enumerate(pieces.pieces):
         path = write_obj(
@@ -228,6 +239,7 @@ def _build(
         sdf_text(name, props.mass_kg, props.com_m, props.inertia_kg_m2, files[0].name, collision_uris, mu, modulus)
     )
     files.insert(0, sdf_path)
+    stages.mark("sdf")
     visual_gltf = files[1]  # write_visual's .gltf comes first of its files
     extra = write_formats(folder, name, options.formats, visual_gltf=visual_gltf,
                           collision_files=[folder / uri for uri in collision_uris], mass_kg=props.mass_kg,
@@ -235,9 +247,21 @@ def _build(
     files[1:1] = extra.files
     formats = {"sdf": sdf_path.name, **{fmt: path.name for fmt, path in extra.paths.items()}}
     warnings += plausibility_warnings(visual_drake, props.mass_kg, options)
+    stages.mark("formats")
 
-    validated = _validate(sdf_path, options, warnings)
+    checks = {"drake": _validate(sdf_path, options, warnings)}
+    stages.mark("drake_check")
+    if "mjcf" in extra.paths:
+        checks["mujoco"] = _check_mujoco(extra.paths["mjcf"], props.mass_kg, warnings)
+        stages.mark("mujoco_check")
     bounds = np.array([visual_drake.min(axis=0), visual_drake.max(axis=0)])
+    preview = None
+    if options.preview:
+        preview = _preview(folder / PREVIEW_FILE, visual_gltf, [folder / uri for uri in collision_uris], bounds,
+                           warnings)
+        stages.mark("preview")
+    if preview is not None:
+        files.append(preview)
     report = ConversionReport(
         name=name,
         package_dir=folder,
@@ -255,10 +279,13 @@ def _build(
         inertia_source=props.source,
         mu=float(mu),
         watertight=solid.watertight,
-        validated=validated,
+        validated=checks["drake"]["status"] == "passed",
         seconds=0.0,
         warnings=warnings,
         formats=formats,
+        preview=None if preview is None else preview.name,
+        checks=checks,
+        stage_s=stages.seconds,
     )
     manifest_path = folder / f"{name}.json"
     files.append(manifest_path)
@@ -300,14 +327,68 @@ def plausibility_warnings(vertices_m: np.ndarray, mass_kg: float, options: Conve
     return out
 
 
-def _validate(sdf_path: Path, options: ConvertOptions, warnings: list[str]) -> bool:
-    """Load the package in Drake when asked and possible; ConvertError if Drake rejects it."""
+class _Stages:
+    """Seconds spent in each stage of one conversion, in the order they ran."""
+
+    def __init__(self, start_s: float):
+        self.seconds: dict[str, float] = {}
+        self._last_s = start_s
+
+    def mark(self, stage: str) -> None:
+        """``stage`` ended now: it took the time since the previous mark."""
+        now_s = time.monotonic()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now_s - self._last_s, 4)
+        self._last_s = now_s
+
+
+def _check(status: str, detail: str) -> dict:
+    return {"status": status, "detail": detail}
+
+
+def _validate(sdf_path: Path, options: ConvertOptions, warnings: list[str]) -> dict:
+    """Load the package in Drake when asked and possible (a check, see _check);
+    ConvertError if Drake rejects it."""
     if not options.validate:
-        return False
+        return _check("skipped", "validate is off")
     if importlib.util.find_spec("pydrake") is None:
         warnings.append("not checked in Drake: pydrake is not installed (pip install 'geomgen[drake]')")
-        return False
+        return _check("skipped", "pydrake is not installed")
     from geomgen.geometry.drake_check import validate_sdf
 
     validate_sdf(sdf_path)
-    return True
+    return _check("passed", "parsed into a MultibodyPlant; spatial inertia valid")
+
+
+def _check_mujoco(mjcf_path: Path, mass_kg: float, warnings: list[str]) -> dict:
+    """Load the package's MJCF in MuJoCo, when installed, and compare its mass.
+    A failure is a warning (the SDF, Drake's, is still good), never the job's."""
+    if importlib.util.find_spec("mujoco") is None:
+        return _check("skipped", "mujoco is not installed (pip install mujoco)")
+    import mujoco
+
+    try:
+        model = mujoco.MjModel.from_xml_path(str(mjcf_path))
+    except Exception as exc:  # noqa: BLE001 - MuJoCo's message is the finding
+        detail = " ".join(str(exc).split())
+        warnings.append(f"MuJoCo cannot load {mjcf_path.name}: {detail}")
+        return _check("failed", detail)
+    loaded_kg = float(model.body_mass[1:].sum())
+    if not np.isclose(loaded_kg, mass_kg, rtol=1e-6):
+        warnings.append(f"MuJoCo reads a mass of {loaded_kg:.6g} kg from {mjcf_path.name}, not {mass_kg:.6g} kg")
+        return _check("failed", f"mass {loaded_kg:.6g} kg, expected {mass_kg:.6g} kg")
+    return _check("passed", f"loaded; mass {loaded_kg:.6g} kg")
+
+
+def _preview(path: Path, visual_path: Path, collision_paths: list[Path], bounds_m: np.ndarray,
+             warnings: list[str]) -> Path | None:
+    """``preview.png`` (geometry.preview), or None with a warning: a package
+    without a preview is still a good package."""
+    if importlib.util.find_spec("pydrake") is None:
+        warnings.append("no preview.png: its renderer, pydrake, is not installed (pip install 'geomgen[drake]')")
+        return None
+    try:
+        return write_preview(path, visual_path, collision_paths, bounds_m)
+    except Exception as exc:  # noqa: BLE001 - a renderer failure costs the picture, never the package
+        path.unlink(missing_ok=True)
+        warnings.append(f"no preview.png: rendering failed ({type(exc).__name__}: {' '.join(str(exc).split())})")
+        return None
