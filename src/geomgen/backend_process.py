@@ -147,6 +147,12 @@ def _detach(parent_pid: int) -> None:
         os.setsid()
     except OSError:  # already a group leader
         pass
+    # A batch system stops a job by signalling every process in it (Slurm's
+    # scancel and time limit: SIGTERM to the whole tree), so the backend ignores
+    # SIGTERM and SIGINT: the worker decides whether its job finishes or is handed
+    # back to the broker, and ends this process with SIGKILL.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     # A worker killed with SIGKILL cannot stop its backend; have the kernel do it.
     # (The signal follows the thread that started this process: the worker's loop.)
     die_with_parent(signal.SIGKILL)

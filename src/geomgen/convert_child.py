@@ -114,6 +114,10 @@ def run(job_dir: str, task: Task, options: ConvertOptions, resume_at: str | None
     decomposition is over). The outcome map (ok, info, sdf_file | error) goes
     to ``<job_dir>/result.msgpack``.
     """
+    # SIGTERM to every process of a job (Slurm's scancel) must not fail the
+    # conversion: the SDF worker decides, and ends this child with SIGKILL.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     # Own process group: the parent kills the whole group on timeout or shutdown.
     try:
         os.setsid()

@@ -32,3 +32,23 @@ def stop_on_signals(log: logging.Logger) -> Iterator[threading.Event]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def stop_signals_ignored() -> Iterator[None]:
+    """SIGTERM and SIGINT ignored while the block runs (main thread only).
+
+    A helper process started inside the block (multiprocessing's forkserver)
+    keeps ignoring them, also across exec: a batch system stops a job by
+    signalling every process in it (Slurm: SIGTERM to the whole tree), and only
+    the role's own process should decide how its work ends.
+    """
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -28,7 +28,7 @@ from geomgen.conversion import KILL_WAIT_S, Conversion, package_files
 from geomgen.endpoints import Endpoints
 from geomgen.geometry.formats import check_writable
 from geomgen.keys import PeerKeys, apply_client_curve
-from geomgen.lifecycle import stop_on_signals
+from geomgen.lifecycle import stop_on_signals, stop_signals_ignored
 from geomgen.errors import GeomgenError, InputError, ProtocolError, Stage
 
 log = logging.getLogger("geomgen.sdf_worker")
@@ -355,8 +355,11 @@ def main(
         print(f"geomgen sdf-worker: {exc.message}", file=sys.stderr)
         return 2
     try:
-        with stop_on_signals(log) as stop:
+        with stop_signals_ignored():
+            # The forkserver starts here and so ignores a batch system's SIGTERM to every
+            # process of the job; the conversions it forks ignore it too (convert_child.run).
             worker.check_children()
+        with stop_on_signals(log) as stop:
             log.info("SDF worker %s: %d slot(s), broker %s", worker.worker_id, procs, endpoints.sdf_job)
             worker.run(stop)
     except GeomgenError as exc:
