@@ -26,6 +26,16 @@ def free_base_port(count: int = 4) -> int:
     return server_free_base_port("127.0.0.1", count)
 
 
+@pytest.fixture(autouse=True)
+def private_result_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test's brokers (started here or by a GeometryServer) get an empty
+    result cache of their own, not the user's: a result cached by one test
+    would otherwise answer another's request without any worker."""
+    folder = tmp_path_factory.mktemp("result-cache")
+    monkeypatch.setenv("GEOMGEN_CACHE_DIR", str(folder))
+    return folder
+
+
 @pytest.fixture
 def endpoints() -> Endpoints:
     return Endpoints.from_base("127.0.0.1", free_base_port())

@@ -56,6 +56,7 @@ class BackendFacts:
     options_spec: tuple | None  # OptionSpec declarations, None if undeclared
     generate_timeout_s: float  # the class's generate_timeout_s
     load_s: float  # how long load() took, seconds
+    identity: str = ""  # Backend.identity(), for the broker's result cache ("": results not cached)
 
 
 @dataclass
@@ -178,10 +179,21 @@ def _load(backend_name: str, options: dict[str, str], conn: multiprocessing.conn
             f"geomgen gpu-worker: loading backend {backend_name!r} failed with {type(exc).__name__}: {exc}")))
         return None
     facts = BackendFacts(input_kind=backend.input_kind, uses_gpu=backend.uses_gpu, options_spec=backend.options_spec,
-                         generate_timeout_s=float(backend.generate_timeout_s), load_s=load_s)
+                         generate_timeout_s=float(backend.generate_timeout_s), load_s=load_s,
+                         identity=_identity(backend))
     log.info("backend %s loaded in %.2f s (backend process %d)", backend_name, load_s, os.getpid())
     conn.send(Report(Kind.LOADED, facts=facts))
     return backend
+
+
+def _identity(backend: Backend) -> str:
+    """The backend's identity for the result cache; "" (not cached) if it cannot tell."""
+    try:
+        identity = backend.identity()
+    except Exception:  # noqa: BLE001 - a plug-in's bug costs only caching
+        log.exception("backend %s could not tell its identity; its results are not cached", backend.name)
+        return ""
+    return identity if isinstance(identity, str) else ""
 
 
 # --- the parent ----------------------------------------------------------------------

@@ -65,6 +65,7 @@ class GeometryRequest:
     want_sdf: bool = True
     no_worker_timeout_s: float | None = None  # broker's wait for a live worker; None: the broker's default
     deadline_s: float | None = None  # the whole item (queue, generate, convert) within this many seconds, else timeout
+    fresh: bool = False  # compute anew even if the broker's result cache holds the result (e.g. another seed)
 
     def convert_dict(self) -> dict[str, Any]:
         """The checked conversion options of this request as a wire dict; raises InputError."""
@@ -104,6 +105,7 @@ class GeometryResult:
     info: dict = field(default_factory=dict)
     backend: str = ""
     attempts: int = 0
+    cached: bool = False  # served from the broker's result cache: no worker ran for it (attempts is then 0)
 
     def format_paths(self) -> dict[str, Path]:
         """The package's file for each simulator format written (``sdf``, ``mjcf``,
@@ -255,6 +257,8 @@ def check_request(index: int, request: Any) -> CheckedRequest:
     backend_options = contract.with_sam3d_config(request.backend_options, request.sam3d_config)
     if not isinstance(request.want_sdf, bool):
         raise InputError("want_sdf must be true or false", code="bad_request")
+    if not isinstance(request.fresh, bool):
+        raise InputError("fresh must be true or false", code="bad_request")
     contract.check_seconds("no_worker_timeout_s", request.no_worker_timeout_s)
     contract.check_seconds("deadline_s", request.deadline_s, allow_zero=False)
     convert = request.convert_dict() if request.want_sdf else {}

@@ -21,6 +21,7 @@ import zmq
 from geomgen import __version__, defaults, protocol
 from geomgen.admission import Limits
 from geomgen.broker_auth import BrokerAuth, KeyBinding, user_id
+from geomgen.cache import ResultCache
 from geomgen.keys import BrokerKeys
 from geomgen.dispatch import Dispatcher
 from geomgen.endpoints import Endpoints, is_loopback
@@ -80,6 +81,7 @@ class Broker:
         keys: BrokerKeys | None = None,
         insecure: bool = False,
         context: zmq.Context | None = None,
+        cache: ResultCache | None = None,
     ) -> None:
         if known_backends is None:
             from geomgen.backends import backend_names
@@ -111,6 +113,7 @@ class Broker:
             now=now,
             limits=limits,
             client_liveness_s=client_liveness_s,
+            cache=cache,
         )
         self._ctx = context or zmq.Context()
         self._own_context = context is None
@@ -201,6 +204,9 @@ class Broker:
         if self._own_context:
             self._ctx.term()
             self._own_context = False
+        if self.dispatcher.cache is not None:
+            self.dispatcher.cache.close()
+            self.dispatcher.cache = None
 
     def __enter__(self) -> "Broker":
         self.bind()
@@ -305,6 +311,7 @@ class Broker:
             "broker_id": self.broker_id,
             "endpoints": {"client": ep.client, "worker": ep.worker, "sdf_job": ep.sdf_job, "sdf_result": ep.sdf_result},
             "admission": d.admission.summary(),
+            "cache": d.cache_summary(),
         }
         report = health_report(
             d.stats, time.monotonic(), header=header, backend_names=d.available_backends(),

@@ -389,3 +389,15 @@ class ResultCache:
         return {"enabled": True, "dir": str(self.folder), "max_bytes": self.max_bytes, "entries": entries,
                 "bytes": total, "hits": c.hits, "misses": c.misses, "writes": c.writes, "evictions": c.evictions,
                 "corrupt": c.corrupt, "errors": c.errors, "skipped": c.skipped}
+
+
+def open_cache(folder: str | os.PathLike | None, size_bytes: int = defaults.CACHE_SIZE_BYTES,
+               enabled: bool = True) -> ResultCache | None:
+    """The cache a broker uses: ``folder`` (None: :func:`default_folder`)
+    bounded to ``size_bytes``, or None when not ``enabled``. Raises OSError with
+    a sentence when the folder cannot be used."""
+    if not enabled:
+        return None
+    store = ResultCache(default_folder() if folder is None else folder, size_bytes)
+    log.info("result cache in %s (at most %d bytes)", store.folder, store.max_bytes)
+    return store

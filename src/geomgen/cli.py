@@ -62,6 +62,47 @@ def _key_values(_ctx: click.Context, param: click.Parameter, values: tuple[str, 
     return options
 
 
+def _cache_size(_ctx: click.Context, param: click.Parameter, value: Any) -> int:
+    from geomgen.cache import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param=param) from None
+
+
+def cache_options(fn):
+    """--cache-dir, --cache-size and --no-cache: the broker's result cache (cache.py)."""
+    fn = click.option("--no-cache", is_flag=True,
+                      help="Compute every result afresh and store none (no result cache).")(fn)
+    fn = click.option("--cache-size", default="10G", show_default=True, callback=_cache_size, metavar="SIZE",
+                      help="Disk the result cache may use (bytes, or with K, M, G, T); least recently used "
+                           "results go first.")(fn)
+    return click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                        help="Folder of the result cache, shared across restarts (default: $GEOMGEN_CACHE_DIR, "
+                             "else ~/.cache/geomgen/results or $XDG_CACHE_HOME/geomgen/results).")(fn)
+
+
+def cache_settings(cache_dir: Path | None, cache_size: int | None, no_cache: bool) -> dict[str, Any]:
+    """GeometryServer's broker settings for these cache options (only those given)."""
+    settings: dict[str, Any] = {"no_cache": True} if no_cache else {}
+    if cache_dir is not None:
+        settings["cache_dir"] = str(cache_dir)
+    if cache_size is not None:
+        settings["cache_size"] = cache_size
+    return settings
+
+
+def open_cache_or_exit(cache_dir: Path | None, cache_size: int, no_cache: bool):
+    """The broker's result cache (None with --no-cache); a folder it cannot use stops the command."""
+    from geomgen.cache import open_cache
+
+    try:
+        return open_cache(cache_dir, cache_size, enabled=not no_cache)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 def broker_option(fn):
     return click.option(
         "--broker", "endpoints", default=DEFAULT_BROKER, show_default=True, callback=_broker_endpoints,
@@ -225,10 +266,11 @@ def main() -> None:
                    "[env GEOMGEN_KEYS]. Required off loopback unless --insecure.")
 @click.option("--insecure", is_flag=True,
               help="Listen off loopback without keys: anyone who reaches the ports can read and forge assets.")
+@cache_options
 @verbose_option
 def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, heartbeat_interval, liveness,
            max_retries, no_worker_timeout, sdf_lease, max_jobs, max_bytes, max_client_jobs, max_client_bytes,
-           client_liveness, client_send_hwm, keys_dir, insecure, verbose) -> None:
+           client_liveness, client_send_hwm, keys_dir, insecure, cache_dir, cache_size, no_cache, verbose) -> None:
     """Run the broker: the only process that binds (four ports from --port).
 
     \b
@@ -246,12 +288,13 @@ def broker(host, port, client_port, worker_port, sdf_job_port, sdf_result_port, 
                  "sdf_result_port": sdf_result_port}
     endpoints = Endpoints(**{**base.__dict__, **{k: v for k, v in overrides.items() if v is not None}})
     _logging(verbose)
+    cache = open_cache_or_exit(cache_dir, cache_size, no_cache)
     sys.exit(broker_role.serve(endpoints, heartbeat_interval_s=heartbeat_interval, heartbeat_liveness=liveness,
                                max_retries=max_retries, no_worker_timeout_s=no_worker_timeout,
                                sdf_lease_s=sdf_lease,
                                limits=Limits(max_jobs, max_bytes, max_client_jobs, max_client_bytes),
                                client_liveness_s=client_liveness, client_send_hwm=client_send_hwm,
-                               keys=keys, insecure=insecure))
+                               keys=keys, insecure=insecure, cache=cache))
 
 
 @cli.command("gpu-worker")
@@ -336,8 +379,9 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interv
               help="Also serve the HTTP API (`geomgen gateway`) there, items under the working directory.")
 @click.option("--http-token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Bearer token file for --http (needed when its HOST is not loopback).")
+@cache_options
 def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, ready_timeout, keys_dir, http,
-          http_token_file) -> None:
+          http_token_file, cache_dir, cache_size, no_cache) -> None:
     """Run a broker with its GPU workers and SDF workers; Ctrl-C stops them all.
 
     Example: geomgen serve --backend hunyuan3d --backend mesh --sdf-workers 4
@@ -347,7 +391,8 @@ def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, rea
     server = GeometryServer(backends=backends, sdf_workers=sdf_workers, host=host, base_port=port,
                             backend_options=backend_options, gpus=gpus or None, log_dir=log_dir, keys_dir=keys_dir,
                             http=http, http_options={"allow_roots": [str(Path.cwd())],
-                                                     "token_file": http_token_file} if http else None)
+                                                     "token_file": http_token_file} if http else None,
+                            **cache_settings(cache_dir, cache_size, no_cache))
     server.start()
     try:
         stats = server.wait_until_ready(ready_timeout)

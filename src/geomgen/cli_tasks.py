@@ -65,9 +65,10 @@ def _image_backend() -> str:
 
 @contextlib.contextmanager
 def broker_address(endpoints, backends: list[str], backend_options: dict, sdf_workers: int,
-                   timeout_s: float, keys=None) -> Iterator[tuple[str, Any]]:
+                   timeout_s: float, keys=None, no_cache: bool = False) -> Iterator[tuple[str, Any]]:
     """(address, CURVE keys) of the broker to talk to: ``endpoints`` with ``keys``
-    if given, else an embedded stack running ``backends`` (loopback, no keys)."""
+    if given, else an embedded stack running ``backends`` (loopback, no keys)
+    whose broker keeps results in the per-user result cache unless ``no_cache``."""
     if endpoints is not None:
         yield endpoints.client, keys
         return
@@ -78,7 +79,8 @@ def broker_address(endpoints, backends: list[str], backend_options: dict, sdf_wo
 
     click.echo(f"geomgen: starting an embedded stack: {', '.join(backends)}, {sdf_workers} SDF process(es)",
                err=True)
-    server = GeometryServer(backends=backends, sdf_workers=sdf_workers, base_port=0, backend_options=backend_options)
+    server = GeometryServer(backends=backends, sdf_workers=sdf_workers, base_port=0, backend_options=backend_options,
+                            **({"no_cache": True} if no_cache else {}))
     try:
         server.start()
         server.wait_until_ready(timeout_s)
@@ -113,7 +115,7 @@ def _row(result, input_path: Path) -> dict[str, Any]:
         "glb_path": str(result.glb_path) if result.glb_path else None,
         "sdf_path": str(result.sdf_path) if result.sdf_path else None,
         "stage": result.stage, "error": result.error, "seconds": round(result.timings.get("client_s", 0.0), 3),
-        "backend": result.backend or None, "warnings": result_warnings(result),
+        "backend": result.backend or None, "warnings": result_warnings(result), "cached": result.cached,
         **{f"{fmt}_path": str(path) for fmt, path in result.format_paths().items() if fmt != "sdf"},
     }
 
@@ -141,7 +143,9 @@ def result_warnings(result) -> list[str]:
 def _line(result, input_path: Path) -> str:
     if result.ok:
         target = result.sdf_path or result.glb_path
-        line = f"ok     {input_path.name} -> {target}  [{result.backend}, {result.timings.get('client_s', 0):.1f} s]"
+        cached = ", cached" if result.cached else ""
+        line = (f"ok     {input_path.name} -> {target}  [{result.backend}, {result.timings.get('client_s', 0):.1f} s"
+                f"{cached}]")
         return line + "".join(f"\n       warning: {w}" for w in result_warnings(result))
     return f"error  {input_path.name}: {result.stage}/{result.error_code}: {result.error}"
 
@@ -167,9 +171,15 @@ def _line(result, input_path: Path) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
 @click.option("--timeout", "timeout_s", type=float, default=defaults.CLIENT_TIMEOUT_S, show_default=True,
               help="Seconds of broker silence before outstanding inputs fail.")
+@click.option("--fresh", is_flag=True,
+              help="Compute every result anew even if the broker's result cache holds it (the new results "
+                   "replace the cached ones), e.g. after changing a seed the cache does not see.")
+@click.option("--no-cache", is_flag=True,
+              help="The embedded stack keeps no result cache (without --broker; a broker's own cache is "
+                   "skipped with --fresh).")
 @peer_keys_option
 def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options, no_sdf, height_m, sdf_workers,
-             as_json, timeout_s, key, broker_key, **convert_params) -> None:
+             as_json, timeout_s, fresh, no_cache, key, broker_key, **convert_params) -> None:
     """Turn images (or meshes) into GLBs and Drake SDF packages.
 
     \b
@@ -178,6 +188,8 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
       geomgen generate photos/*.jpg --out assets/ --broker hub --json
       geomgen generate table.obj --out assets/ --mass-kg 20 --dimensions 1.2 0.8 0.75
 
+    Results already computed come from the broker's result cache (the embedded
+    stack's is per user: ~/.cache/geomgen/results); --fresh computes them anew.
     Exits 1 if any input failed.
     """
     from geomgen.client import GeometryRequest
@@ -195,8 +207,11 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
         click.echo("geomgen: warning: images carry no scale and no --height or --dimensions was given: objects "
                    "get the backend's default size (silhouette: 1 m tall); give --height METRES", err=True)
     endpoints = parse_broker(broker) if broker else None
+    if no_cache and endpoints is not None:
+        raise click.UsageError("--no-cache applies to the embedded stack; with --broker, --fresh skips its cache")
     requests = [GeometryRequest(image_path=path, output_dir=out_dir, backend=backend, scene_id=scene_id,
-                                prompt=prompt, backend_options=backend_options, want_sdf=not no_sdf, **fields)
+                                prompt=prompt, backend_options=backend_options, want_sdf=not no_sdf, fresh=fresh,
+                                **fields)
                 for path in inputs]
     backends = [] if endpoints else choose_backends(list(inputs), backend)
 
@@ -207,7 +222,7 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
             progress.print(_line(result, inputs[result.index]))
 
     with broker_address(endpoints, backends, backend_options, 0 if no_sdf else sdf_workers, timeout_s=300.0,
-                        keys=peer_keys(key, broker_key)) as (address, keys):
+                        keys=peer_keys(key, broker_key), no_cache=no_cache) as (address, keys):
         results = run_batch(address, requests, timeout_s, report, keys)
     failed = sum(not r.ok for r in results)
     used = sorted({r.backend for r in results if r.ok and r.backend})
@@ -319,6 +334,13 @@ def render_health(stats: dict) -> str:
         f"average generate {sec('avg_generate_s')}, convert {sec('avg_convert_s')}, "
         f"queue wait {sec('avg_queue_wait_s')} (max {sec('max_queue_wait_s')})",
     ]
+    cache = stats.get("cache") if isinstance(stats.get("cache"), dict) else {}
+    if cache.get("enabled"):
+        lines.append(f"result cache: {cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses; "
+                     f"{cache.get('entries', 0)} entries, {cache.get('bytes', 0) / 1e6:.1f} of "
+                     f"{cache.get('max_bytes', 0) / 1e6:.0f} MB in {cache.get('dir', '?')}")
+    elif cache:
+        lines.append("result cache: off")
     return "\n".join(lines)
 
 

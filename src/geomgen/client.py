@@ -365,7 +365,7 @@ class GeometryClient:
         result = GeometryResult(
             index=item.index, request=item.request, ok=message.ok, glb_path=item.glb_path,
             timings={**message.timings, "client_s": time.monotonic() - item.sent_at}, info=info,
-            backend=message.backend or item.backend, attempts=message.attempts,
+            backend=message.backend or item.backend, attempts=message.attempts, cached=message.cached,
         )
         try:
             if isinstance(debug_files, dict) and debug_files and item.request.debug_folder is not None:

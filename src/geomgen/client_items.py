@@ -63,7 +63,7 @@ class ItemBuilder:
             output_name=checked.stem, prompt=request.prompt, scene_id=request.scene_id,
             backend_options=checked.backend_options, convert=checked.convert, want_sdf=request.want_sdf, debug=request.debug_folder is not None,
             no_worker_timeout_s=None if timeout_s is None else float(timeout_s), events=progress_events,
-            deadline_s=None if request.deadline_s is None else float(request.deadline_s),
+            deadline_s=None if request.deadline_s is None else float(request.deadline_s), fresh=request.fresh,
         )
         self._claimed[target] = index
         return Item(index, request, request_id, checked.output_dir, checked.stem, backend, protocol.encode(message))

@@ -17,6 +17,8 @@ from typing import Any, Iterable, Protocol
 from geomgen import defaults
 from geomgen.admission import Admission, Limits
 from geomgen.backends import find_backend_class
+from geomgen.cache import ResultCache
+from geomgen.cache_stage import CacheStage, new_cache_counts
 from geomgen.contract import check_backend_options
 from geomgen.deadlines import Deadlines
 from geomgen.dispatch_guards import Guards
@@ -55,7 +57,7 @@ class Outbox(Protocol):
         """False when that SDF worker cannot be reached now; the job stays queued."""
 
 
-class Dispatcher(GpuWorkers, SdfStage, Guards):
+class Dispatcher(GpuWorkers, SdfStage, Guards, CacheStage):
     """Jobs, queues and workers of one broker. Settings as in Broker.
 
     The methods for GPU workers' messages, the SDF stage and the guards
@@ -64,7 +66,7 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
     def __init__(self, out: Outbox, *, broker_id: str, address: str, heartbeat_interval_s: float,
                  heartbeat_liveness: int, max_retries: int, no_worker_timeout_s: float, sdf_lease_s: float,
                  known_backends: Iterable[str], now: float, limits: Limits | None = None,
-                 client_liveness_s: float = defaults.CLIENT_LIVENESS_S) -> None:
+                 client_liveness_s: float = defaults.CLIENT_LIVENESS_S, cache: ResultCache | None = None) -> None:
         self.out = out
         self.broker_id = broker_id
         self.address = address  # HOST:PORT clients and workers use, for error messages
@@ -96,6 +98,9 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
         self._job_numbers = itertools.count(1)
         self._job_prefix = broker_id[:12] + "-"
         self._activity = ActivityLog(self.stats, now)
+        self.cache = cache  # results already computed (cache_stage.py); None: no cache
+        self.cache_counts = new_cache_counts()
+        self.model_identities: dict[str, str] = {}  # backend -> the model identity its latest worker announced
 
     # --- clients ---------------------------------------------------------------
 
@@ -140,6 +145,8 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
             self.request_deadlines.arm(job.job_id, now + req.deadline_s)
         self.stats.accepted += 1
         self._event(job, EventKind.QUEUED, detail=f"backend {req.backend}, scene {job.scene_key}")
+        if self._answer_from_cache(job, now):
+            return
         self._enqueue(job, now)
         self._dispatch(req.backend, now)
 
@@ -214,9 +221,12 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
             info["debug_files"] = job.debug_files
         timings = job.timings(now)
         attempts = job.attempt + max(0, job.sdf_attempt - 1)
+        cached = error is None and job.from_cache_generate and (job.from_cache_convert or not job.request.want_sdf)
+        if self.cache is not None:
+            info["cache"] = self.cache_info(job)
         if notify:
             self.out.to_client(job.client, Result(job.request.request_id, error is None, error, files or {},
-                                                  sdf_file, info, timings, job.request.backend, attempts))
+                                                  sdf_file, info, timings, job.request.backend, attempts, cached))
         self.stats.total.add(timings["total_s"])
         if error is None:
             self.stats.completed += 1
@@ -272,6 +282,8 @@ class Dispatcher(GpuWorkers, SdfStage, Guards):
                 self._finish(job, now, error=exc.to_dict())
                 return
             job.terms.options_checked = True
+        if self._answer_at_dispatch(job, worker, now):
+            return
         job.attempt += 1
         job.state, job.waiting_in, job.worker, job.attempt_started_at = JobState.GENERATING, None, worker.identity, now
         if job.dispatched_at is None:

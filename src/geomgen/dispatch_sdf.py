@@ -28,9 +28,16 @@ class SdfStage:
         glb = bytes(res.glb)
         self.admission.resize(job.job_id, len(glb) if job.request.want_sdf else 0)
         self.stats.generate.add(job.generate_s)
+        self._store_generated(job, res, glb)
         self._event(job, EventKind.GLB_READY, glb=glb, timings=job.timings(now), worker=worker.worker_id)
         if not job.request.want_sdf:
             self._finish(job, now)
+            return
+        self._to_conversion(job, glb, now)
+
+    def _to_conversion(self, job: JobRecord, glb: bytes, now: float) -> None:
+        """Queue a job whose GLB is ready for the SDF pool, unless the result cache holds its package."""
+        if self._converted_from_cache(job, glb, now):
             return
         job.state, job.glb, job.sdf_queued_at, job.waiting_in = JobState.CONVERTING, glb, now, SDF_POOL
         self.sdf.waiting.append(job.job_id)
@@ -109,6 +116,7 @@ class SdfStage:
         job.convert_s, job.worker_convert_s = now - job.sdf_pushed_at, res.seconds
         self.stats.convert.add(job.convert_s)
         if res.ok and res.files:
+            self._store_converted(job, res)
             self._finish(job, now, files=res.files, sdf_file=res.sdf_file, info=res.info)
         else:
             fallback = "the SDF worker reported success but sent no files" if res.ok else "the SDF worker reported a failure"

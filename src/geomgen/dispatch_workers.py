@@ -88,7 +88,9 @@ class GpuWorkers:
             log.warning("GPU worker %s declared options the broker cannot read (%s); its requests are checked "
                         "where they run", msg.worker_id, exc)
             specs = None
-        worker = GpuWorkerRecord(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, msg.info,
+        # The model identity rides in the record's info, for the result cache's keys.
+        info = {**msg.info, "model_identity": msg.model_identity}
+        worker = GpuWorkerRecord(identity, msg.worker_id, msg.backend, msg.hostname, msg.pid, msg.gpu, info,
                                  option_specs=specs, key=key, last_seen=now,
                                  heartbeat_interval_s=declared_interval_s(msg.heartbeat_interval_s,
                                                                           f"GPU worker {msg.worker_id}"),
@@ -109,6 +111,7 @@ class GpuWorkers:
         if specs is not None or msg.backend not in self.declared:
             self.declared[msg.backend] = specs
         self.registered.add(msg.backend)
+        self.model_identities[msg.backend] = msg.model_identity
         self.stats.backend(msg.backend).registrations += 1
         log.info("GPU worker %s ready: backend %s on %s (pid %d, gpu %s)", msg.worker_id, msg.backend,
                  msg.hostname, msg.pid, msg.gpu)

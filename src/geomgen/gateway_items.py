@@ -210,4 +210,5 @@ def error_line(index: int, message: str, extra: dict | None = None) -> bytes:
 def result_extra(result: GeometryResult, cached: bool = False) -> dict:
     """geomgen's fields of a result, for an item that asked for them."""
     return {"sdf_path": None if result.sdf_path is None else str(result.sdf_path), "stage": result.stage,
-            "code": result.error_code, "backend": result.backend, "timings": result.timings, "cached": cached}
+            "code": result.error_code, "backend": result.backend, "timings": result.timings,
+            "cached": cached or result.cached}  # the gateway's own cache, or the broker's result cache

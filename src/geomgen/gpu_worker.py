@@ -207,6 +207,7 @@ class GpuWorker:
         ready = protocol.WorkerReady(
             worker_id=self.worker_id, backend=self.backend_name, hostname=socket.gethostname(), pid=os.getpid(),
             gpu=self.gpu, info=info, heartbeat_interval_s=self.heartbeat_interval_s,
+            model_identity=self.facts.identity,
         )
         self._send(protocol.encode(ready))
         log.info("READY sent to %s as %s (backend %s)", self.endpoints.worker, self.worker_id, self.backend_name)

@@ -59,6 +59,11 @@ class JobRecord:
     sdf_pushed_at: float = 0.0
     convert_s: float | None = None
     worker_convert_s: float | None = None
+    input_digest: bytes | None = None  # SHA-256 of the input, for the result cache's keys
+    generate_key: str | None = None  # the result cache's key of its GLB (None: not cached)
+    convert_key: str | None = None  # ... and of its SDF package
+    from_cache_generate: bool = False  # the GLB came from the result cache
+    from_cache_convert: bool = False  # the package came from the result cache
 
     def timings(self, now: float) -> dict[str, float]:
         """Seconds spent so far: queue wait (accept to first dispatch), generate,

@@ -86,6 +86,7 @@ class ClientRequest:
     no_worker_timeout_s: float | None = None
     events: bool = True  # False: only the glb_ready PARTIAL (it carries the GLB) and the FINAL
     deadline_s: float | None = None  # the whole request (queue, generate, convert) within this, from acceptance
+    fresh: bool = False  # compute anew even when the result cache holds it (the new result still refreshes it)
 
 
 @dataclass
@@ -136,6 +137,7 @@ class Result:
     timings: dict = field(default_factory=dict)  # queue_wait_s, generate_s, convert_s, total_s
     backend: str = ""
     attempts: int = 1
+    cached: bool = False  # answered from the broker's result cache: no worker ran for it
 
 
 @dataclass
@@ -164,6 +166,7 @@ class WorkerReady:
     gpu: str | None = None
     info: dict = field(default_factory=dict)
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S  # the broker expires it by this
+    model_identity: str = ""  # what its results depend on beside the request (Backend.identity); "": not cached
 
 
 @dataclass

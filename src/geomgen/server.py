@@ -47,6 +47,9 @@ BROKER_SETTINGS = {
     "heartbeat_interval_s": "--heartbeat-interval",
     "no_worker_timeout_s": "--no-worker-timeout",
     "sdf_lease_s": "--sdf-lease",
+    "cache_dir": "--cache-dir",  # the result cache's folder
+    "cache_size": "--cache-size",  # its size, bytes (or 10G...)
+    "no_cache": "--no-cache",  # True: no result cache
 }
 LOG_TAIL_BYTES = 4000  # how much of a failed child's log goes into the error
 
@@ -156,7 +159,8 @@ class GeometryServer:
         http_options: for the gateway: ``allow_roots`` (a list of folders; None: any
             path; absent: this process's working directory), ``default_backend``,
             ``token_file``, ``insecure``, ``keepalive_s``.
-        broker_settings: heartbeat_interval_s, no_worker_timeout_s, sdf_lease_s (seconds).
+        broker_settings: heartbeat_interval_s, no_worker_timeout_s, sdf_lease_s (seconds);
+            cache_dir, cache_size (bytes or "10G"), no_cache (True: no result cache).
     """
 
     def __init__(
@@ -242,6 +246,9 @@ class GeometryServer:
         self.endpoints = Endpoints.from_base(self.host, base)
         broker_args = ["broker", "--host", self.host, "--port", str(base)]
         for key, value in self.broker_settings.items():
+            if key == "no_cache":  # a flag
+                broker_args += [BROKER_SETTINGS[key]] if value else []
+                continue
             broker_args += [BROKER_SETTINGS[key], str(value)]
         if self.keys_dir is not None:
             broker_args += ["--keys", str(self.keys_dir)]

@@ -69,6 +69,23 @@ class WeightsFolder:
         return f"weights {name} not found (looked in: {places}); {fetch}"
 
 
+def checkpoint_fingerprint(path: Path | None, sample_bytes: int = 1024 * 1024) -> str:
+    """``NAME:SIZE:SHA256`` of a checkpoint, hashing its first and last
+    ``sample_bytes`` only (for the result cache's model identity)."""
+    if path is None:
+        return ""
+    import hashlib
+
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        hasher.update(handle.read(sample_bytes))
+        if size > sample_bytes:
+            handle.seek(max(sample_bytes, size - sample_bytes))
+            hasher.update(handle.read(sample_bytes))
+    return f"{path.name}:{size}:{hasher.hexdigest()}"
+
+
 def _checkpoint_in(folder: Path) -> Path | None:
     if not (folder / "config.yaml").is_file():
         return None

@@ -9,11 +9,12 @@ it announces itself, then ``generate()`` once per job, one job at a time.
 from __future__ import annotations
 
 import abc
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from geomgen import defaults
+from geomgen import __version__, defaults
 from geomgen.contract import SCOPE_HINT, scoped_options
 from geomgen.optionspec import OptionSpec, resolve_options
 
@@ -84,6 +85,19 @@ class Backend(abc.ABC):
         Must be cheap: no model loading. Used by ``backend=auto`` and ``doctor``.
         """
         return None
+
+    def identity(self) -> str:
+        """What this backend's results depend on beside the request, for the
+        broker's result cache (called once, after ``load``): two workers with
+        the same identity must turn the same request into the same GLB.
+
+        The default is the backend's name, geomgen's version and the
+        worker-wide options, right for a backend without weights. A backend
+        with weights adds what names them (a file's hash, or a model's name and
+        version). Return "" to keep this backend's results out of the cache.
+        """
+        options = json.dumps(self.options, sort_keys=True, default=repr)
+        return f"{self.name} geomgen {__version__} options {options}"
 
     def load(self) -> None:
         """Load models once, before the worker says READY.

@@ -22,6 +22,7 @@ from geomgen import defaults
 from geomgen.backends._hy3d_mesh import alpha_coverage, clean_mesh, export_glb_bytes, png_bytes
 from geomgen.backends._hy3d_options import OPTIONS, Hy3dOptions, merge_request_options, parse_worker_options
 from geomgen.backends._hy3d_weights import (
+    checkpoint_fingerprint,
     find_paint_weights,
     find_weights,
     rembg_missing_message,
@@ -82,6 +83,15 @@ class Hunyuan3DBackend(Backend):
 
     # --- loading ---------------------------------------------------------------
 
+    def identity(self) -> str:
+        """The base identity, the resolved settings (model, subfolder, device,
+        dtype, steps, painter...) and each checkpoint's fingerprint: name, size
+        and a SHA-256 of its first and last MiB (hashing gigabytes at every start
+        would cost seconds; a retrained checkpoint of the same size and ends is
+        not told apart)."""
+        prints = [checkpoint_fingerprint(path) for path in getattr(self, "_checkpoints", [])]
+        return f"{super().identity()} settings {self.settings!r} weights {prints}"
+
     def load(self) -> None:
         """Resolve weights, load the shape pipeline (and painter, background remover) once.
 
@@ -115,6 +125,7 @@ class Hunyuan3DBackend(Backend):
         if turbo_weights is not None and not turbo_weights.found:
             raise BackendUnavailable(turbo_weights.describe_missing() + ", or start the worker with flashvdm=off")
         self._weights_folder = str(weights.folder)
+        self._checkpoints = [weights.checkpoint] + ([turbo_weights.checkpoint] if turbo_weights is not None else [])
         try:
             pipeline = Hunyuan3DDiTFlowMatchingPipeline.from_single_file(
                 str(weights.checkpoint), str(weights.folder / "config.yaml"),
