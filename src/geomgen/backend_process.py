@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from geomgen import gpu_job, protocol
+from geomgen import gpu_job, logs, protocol
 from geomgen.backends import load_backend_class
 from geomgen.backends.base import Backend
 from geomgen.contract import scoped_options
@@ -33,7 +33,6 @@ from geomgen.processes import describe_exit, die_with_parent, end_process
 log = logging.getLogger("geomgen.backend_process")
 
 KILL_WAIT_S = 5.0  # how long to wait for a killed backend process to be reaped
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"  # the worker's, so one log reads as one
 
 
 class Kind(str, enum.Enum):
@@ -110,12 +109,12 @@ def startup_message(backend: str, exc: GeomgenError, extra: str | None = None) -
 
 
 def serve(backend_name: str, options: dict[str, str], conn: multiprocessing.connection.Connection,
-          parent_pid: int, log_level: int) -> None:
+          parent_pid: int, log_level: int, log_format: str = logs.DEFAULT_FORMAT) -> None:
     """Backend-process body: build and load the backend (LOADED or LOAD_FAILED),
     then run each Job received on ``conn`` (PROGRESS..., FINAL) until the
     worker sends None or goes away."""
     _detach(parent_pid)
-    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    logs.setup(logging.getLevelName(log_level).lower(), log_format, role="gpu-worker")  # as its worker logs
     backend = _load(backend_name, options, conn)
     if backend is None:
         return
@@ -241,7 +240,7 @@ class BackendProcess:
         parent_end, child_end = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=serve, args=(self.backend_name, self.options, child_end, os.getpid(),
-                                logging.getLogger().getEffectiveLevel()),
+                                logging.getLogger().getEffectiveLevel(), logs.current_format()),
             name=f"backend-{self.backend_name}", daemon=False,  # a backend may start processes of its own
         )
         try:
@@ -278,7 +277,8 @@ class BackendProcess:
         try:
             self._conn.send(job)
         except OSError as exc:  # it died meanwhile: reports() answers the job as crashed
-            log.warning("could not hand job %s to the backend process: %s", job.job_id, exc)
+            log.warning("could not hand job %s to the backend process: %s", job.job_id, exc,
+                        extra={"job_id": job.job_id, "attempt": job.attempt})
 
     def reports(self) -> list[Report]:
         """What the child said since the last call, then what the parent

@@ -369,7 +369,8 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interv
 @click.option("--gpu", "gpus", multiple=True, help="GPU ids to use (default: CUDA_VISIBLE_DEVICES or nvidia-smi).")
 @backend_options_option
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder for the processes' logs (default: a new temporary folder).")
+              help="Folder for the processes' logs, kept after exit (default: a new folder "
+                   "$XDG_STATE_HOME/geomgen/logs/serve-DATE-TIME-PID, ~/.local/state without XDG_STATE_HOME).")
 @click.option("--ready-timeout", type=float, default=300.0, show_default=True,
               help="Seconds to wait for every worker to load its backend.")
 @click.option("--keys", "keys_dir", envvar="GEOMGEN_KEYS", type=click.Path(file_okay=False, path_type=Path),
@@ -379,6 +380,7 @@ def sdf_worker(endpoints, sdf_job_port, sdf_result_port, procs, heartbeat_interv
               help="Also serve the HTTP API (`geomgen gateway`) there, items under the working directory.")
 @click.option("--http-token-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Bearer token file for --http (needed when its HOST is not loopback).")
+@logs.log_options
 @cache_options
 def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, ready_timeout, keys_dir, http,
           http_token_file, cache_dir, cache_size, no_cache) -> None:
@@ -388,25 +390,29 @@ def serve(backends, sdf_workers, host, port, gpus, backend_options, log_dir, rea
     """
     from geomgen.server import GeometryServer
 
+    logs.setup_from_context()
+    log_dir = log_dir or logs.default_log_dir("serve")
     server = GeometryServer(backends=backends, sdf_workers=sdf_workers, host=host, base_port=port,
                             backend_options=backend_options, gpus=gpus or None, log_dir=log_dir, keys_dir=keys_dir,
                             http=http, http_options={"allow_roots": [str(Path.cwd())],
                                                      "token_file": http_token_file} if http else None,
                             **cache_settings(cache_dir, cache_size, no_cache))
+    server.env.update(logs.child_env())  # its processes log as it does
     server.start()
+    logs.say(f"geomgen: logs in {server.log_dir}")
     try:
         stats = server.wait_until_ready(ready_timeout)
     except BaseException:
         server.stop()
         raise
     workers = ", ".join(f"{name} x{n['alive']}" for name, n in stats.get("backends", {}).items() if n.get("alive"))
-    click.echo(f"geomgen serving on {server.address} ({workers}; {stats.get('sdf_slots', 0)} SDF slots); "
-               f"logs in {server.log_dir}; Ctrl-C stops", err=True)
+    logs.say(f"geomgen serving on {server.address} ({workers}; {stats.get('sdf_slots', 0)} SDF slots); "
+             f"logs in {server.log_dir}; Ctrl-C stops")
     if http:
-        click.echo(f"geomgen: HTTP API on {server.http_address}", err=True)
+        logs.say(f"geomgen: HTTP API on {server.http_address}")
     if keys_dir is not None:
-        click.echo(f"geomgen: CURVE on; a client key: --key {keys_dir}/clients/serve-client.key_secret "
-                   f"--broker-key {keys_dir}/broker.key", err=True)
+        logs.say(f"geomgen: CURVE on; a client key: --key {keys_dir}/clients/serve-client.key_secret "
+                 f"--broker-key {keys_dir}/broker.key")
     sys.exit(server.serve_forever())
 
 

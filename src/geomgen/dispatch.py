@@ -117,7 +117,8 @@ class Dispatcher(GpuWorkers, SdfStage, Guards, CacheStage):
     def request(self, identity: bytes, req: ClientRequest, now: float) -> None:
         """A client's REQUEST: validate, queue, and dispatch if a worker is idle."""
         if self.holds(identity, req.request_id):
-            log.info("ignored request %s from client %s: already in flight", req.request_id, identity.hex())
+            log.info("ignored request %s from client %s: already in flight", req.request_id, identity.hex(),
+                     extra={"request_id": req.request_id})
             return
         try:
             terms = validate_request(req, lambda name: name in self.known_backends or name in self.registered,
@@ -164,7 +165,8 @@ class Dispatcher(GpuWorkers, SdfStage, Guards, CacheStage):
         """Answer a request that was never accepted with its one FINAL error
         (with ``retry_after_s`` in the error map for a ``busy`` refusal)."""
         self.stats.rejected += 1
-        log.info("rejected request %s from client %s: %s (%s)", request_id, identity.hex(), message, code)
+        log.info("rejected request %s from client %s: %s (%s)", request_id, identity.hex(), message, code,
+                 extra={"request_id": request_id})
         error: dict[str, Any] = error_dict(stage, code, message)
         if retry_after_s is not None:
             error["retry_after_s"] = round(retry_after_s, 3)
@@ -200,7 +202,7 @@ class Dispatcher(GpuWorkers, SdfStage, Guards, CacheStage):
         attempt = attempt if attempt is not None else max(1, job.attempt)
         # DEBUG: at thousands of jobs a second, a log record per event costs more than the event.
         log.debug("job %s request %s: %s (attempt %d) %s", job.job_id, job.request.request_id, kind.value, attempt,
-                  detail)
+                  detail, extra={"job_id": job.job_id, "request_id": job.request.request_id, "attempt": attempt})
         self.out.to_client(job.client, Event(job.request.request_id, kind.value, attempt, detail, glb,
                                              timings or {}, worker))
 
@@ -232,7 +234,8 @@ class Dispatcher(GpuWorkers, SdfStage, Guards, CacheStage):
             self.stats.completed += 1
             # DEBUG: a record per job costs a sixth of the broker's time per job; the
             # activity line sums them up once a minute.
-            log.debug("job %s request %s: done in %.3f s", job.job_id, job.request.request_id, timings["total_s"])
+            log.debug("job %s request %s: done in %.3f s", job.job_id, job.request.request_id, timings["total_s"],
+                      extra={"job_id": job.job_id, "request_id": job.request.request_id})
         else:
             self.stats.failed += 1
             self.stats.cancelled += error.get("code") == "cancelled"

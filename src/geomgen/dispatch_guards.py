@@ -108,7 +108,8 @@ class Guards:
         if worker is not None and worker.job_id == job_id:
             self.workers.block(worker)
         log.warning("job %s attempt %d: worker %s did not answer by its deadline; the job fails and the worker "
-                    "gets no work until it reports idle", job_id, attempt, name)
+                    "gets no work until it reports idle", job_id, attempt, name,
+                    extra={"job_id": job_id, "attempt": attempt})
         self._finish(job, now, error=error_dict(
             Stage.GENERATE, "timeout",
             f"the {job.request.backend} worker {name} did not finish or abandon this job within its deadline "

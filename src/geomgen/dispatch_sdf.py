@@ -103,12 +103,14 @@ class SdfStage:
         job = self.jobs.get(res.job_id)
         if not current or job is None or job.state is not JobState.CONVERTING or job.sdf_attempt != res.attempt:
             self.stats.stale_results += 1
-            log.info("discarded SDF result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt)
+            log.info("discarded SDF result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt,
+                     extra={"job_id": res.job_id, "attempt": res.attempt})
             return
         if bounced:
             # PUSH picked a worker with no free slot (it cannot know which one has
             # credit): the job comes straight back, uncounted, for the next worker.
-            log.debug("SDF worker %s had no free slot for job %s; pushing it again", res.worker_id, res.job_id)
+            log.debug("SDF worker %s had no free slot for job %s; pushing it again", res.worker_id, res.job_id,
+                      extra={"job_id": res.job_id})
             job.waiting_in, job.sdf_attempt = SDF_POOL, job.sdf_attempt - 1  # not an attempt: push it as the same one
             self.sdf.waiting.appendleft(job.job_id)
             self.pump_sdf(now)

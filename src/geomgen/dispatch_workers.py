@@ -125,13 +125,13 @@ class GpuWorkers:
         if job is not None and job.state is JobState.GENERATING and job.attempt == old.attempt:
             job.worker = new.identity
         log.info("GPU worker %s reconnected mid-job; job %s attempt %d goes on there", new.worker_id, old.job_id,
-                 old.attempt)
+                 old.attempt, extra={"job_id": old.job_id, "attempt": old.attempt})
 
     def _job_result(self, worker: GpuWorkerRecord, res: JobResult, now: float) -> None:
         if worker.job_id != res.job_id or worker.attempt != res.attempt:
             self.stats.stale_results += 1
             log.info("dropped result of job %s attempt %d from worker %s: not its current job",
-                     res.job_id, res.attempt, worker.worker_id)
+                     res.job_id, res.attempt, worker.worker_id, extra={"job_id": res.job_id, "attempt": res.attempt})
             return
         job = self.jobs.get(res.job_id)
         current = job is not None and job.attempt == res.attempt and job.state is JobState.GENERATING
@@ -147,7 +147,8 @@ class GpuWorkers:
         counters = self.stats.backend(worker.backend)
         if not current:
             self.stats.stale_results += 1
-            log.info("discarded result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt)
+            log.info("discarded result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt,
+                     extra={"job_id": res.job_id, "attempt": res.attempt})
         elif res.ok and res.glb:
             worker.completed += 1
             counters.completed += 1

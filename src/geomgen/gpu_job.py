@@ -62,7 +62,7 @@ def run_job(backend: Backend, backend_name: str, job: protocol.Job,
         return _success_frames(backend_name, job, output, time.monotonic() - started_s)
     except BaseException as exc:  # noqa: BLE001 - any failure is this job's, never the worker's
         if not isinstance(exc, GeomgenError):
-            log.exception("backend %s raised on job %s", backend_name, job.job_id)
+            log.exception("backend %s raised on job %s", backend_name, job.job_id, extra={"job_id": job.job_id})
         return _failure_frames(job, error_of(exc), time.monotonic() - started_s)
     finally:
         finished.set()

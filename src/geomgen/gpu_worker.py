@@ -152,12 +152,12 @@ class GpuWorker:
         deadline_s = time.monotonic() + grace_s
         job = self.backend.job
         if job is not None:
-            log.info("stopping: waiting up to %.1f s for job %s", grace_s, job.job_id)
+            log.info("stopping: waiting up to %.1f s for job %s", grace_s, job.job_id, extra={"job_id": job.job_id})
         while self.backend.busy and time.monotonic() < deadline_s:
             self.run_once(min(defaults.POLL_INTERVAL_S, max(0.0, deadline_s - time.monotonic())))
         if job is not None and self.backend.busy:
             log.warning("abandoning job %s after the %.1f s grace period; killing the backend process",
-                        job.job_id, grace_s)
+                        job.job_id, grace_s, extra={"job_id": job.job_id})
             self.backend.kill()
         if self._socket is not None:
             reason = "shutdown" if self.exit_code == 0 else "backend failed to reload"
@@ -305,11 +305,11 @@ class GpuWorker:
             self._refuse(job, Stage.GENERATE, "timeout", "the job's deadline passed before it reached the worker")
             return
         log.info("job %s attempt %d started (%s, %d bytes, %g s allowed)", job.job_id, job.attempt, job.input_name,
-                 len(job.input_data), limit_s)
+                 len(job.input_data), limit_s, extra={"job_id": job.job_id, "attempt": job.attempt})
         self.backend.submit(job, limit_s)
 
     def _refuse(self, job: protocol.Job, stage: Stage, code: str, message: str) -> None:
-        log.warning("job %s refused: %s", job.job_id, message)
+        log.warning("job %s refused: %s", job.job_id, message, extra={"job_id": job.job_id, "attempt": job.attempt})
         result = protocol.JobResult(job.job_id, job.attempt, ok=False, error=protocol.error_dict(stage, code, message))
         self._send(protocol.encode(result), keep=True)
 
@@ -341,12 +341,14 @@ class GpuWorker:
             result = None
         if result is not None and result.ok:
             self.completed += 1
-            log.info("job %s attempt %d done in %.2f s", job.job_id, job.attempt, seconds)
+            log.info("job %s attempt %d done in %.2f s", job.job_id, job.attempt, seconds,
+                     extra={"job_id": job.job_id, "attempt": job.attempt})
         else:
             self.failed += 1
             error = result.error if result is not None else {}
             log.warning("job %s attempt %d failed in %.2f s: %s/%s: %s", job.job_id, job.attempt, seconds,
-                        error.get("stage"), error.get("code"), error.get("message"))
+                        error.get("stage"), error.get("code"), error.get("message"),
+                        extra={"job_id": job.job_id, "attempt": job.attempt})
 
 
 # --- process entry --------------------------------------------------------------

@@ -11,7 +11,10 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import click
@@ -56,8 +59,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def level_number(level: str) -> int:
+def level_number(level: str | int) -> int:
     """``"info"`` -> logging.INFO (names as --log-level takes them)."""
+    if isinstance(level, int):
+        return level
     number = logging.getLevelName(level.upper())
     if not isinstance(number, int):
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
@@ -84,6 +89,27 @@ def setup(level: str = DEFAULT_LEVEL, fmt: str = DEFAULT_FORMAT, role: str | Non
 def current_format() -> str:
     """The format setup() last chose in this process (text before any setup())."""
     return str(_current["format"])
+
+
+def child_env() -> dict[str, str]:
+    """Environment for the geomgen processes this one starts, so that they log as it does."""
+    return {"GEOMGEN_LOG_LEVEL": str(_current["level"]), "GEOMGEN_LOG_FORMAT": str(_current["format"])}
+
+
+def say(message: str) -> None:
+    """A line for the person at the terminal on stderr; a JSON log record instead when
+    this process logs JSON, so that a log shipper reading stderr sees only JSON."""
+    if json_active():
+        logging.getLogger("geomgen.cli").info("%s", message)
+    else:
+        click.echo(message, err=True)
+
+
+def default_log_dir(role: str) -> Path:
+    """A new folder for a run's logs, kept after it: ``$XDG_STATE_HOME/geomgen/logs/ROLE-DATE-TIME-PID``
+    (``~/.local/state`` without XDG_STATE_HOME)."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "geomgen" / "logs" / f"{role}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def json_active() -> bool:

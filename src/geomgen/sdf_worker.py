@@ -174,7 +174,7 @@ class SdfWorker:
         re-pushes them elsewhere)."""
         self._send(protocol.encode(protocol.Disconnect(reason="shutdown", worker_id=self.worker_id)))
         for held in list(self._running.values()):
-            log.warning("stopping: abandoning job %s", held.job_id)
+            log.warning("stopping: abandoning job %s", held.job_id, extra={"job_id": held.job_id})
             self._abandon(held)
         self._running.clear()
 
@@ -228,11 +228,13 @@ class SdfWorker:
         )
         if error is None:
             self.completed += 1
-            log.info("job %s attempt %d converted in %.2f s", job.job_id, job.attempt, seconds)
+            log.info("job %s attempt %d converted in %.2f s", job.job_id, job.attempt, seconds,
+                     extra={"job_id": job.job_id, "attempt": job.attempt})
         else:
             self.failed += 1
             log.warning("job %s attempt %d failed after %.2f s: %s/%s: %s", job.job_id, job.attempt, seconds,
-                        error["stage"], error["code"], error["message"])
+                        error["stage"], error["code"], error["message"],
+                        extra={"job_id": job.job_id, "attempt": job.attempt})
         self._send(protocol.encode(result, protocol.Command.FINAL))
 
     def _take_jobs(self) -> None:
@@ -250,7 +252,8 @@ class SdfWorker:
                 self._bounce(job)
                 continue
             if (job.job_id, job.attempt) in self._running:
-                log.warning("job %s attempt %d is already converting here; duplicate dropped", job.job_id, job.attempt)
+                log.warning("job %s attempt %d is already converting here; duplicate dropped", job.job_id, job.attempt,
+                            extra={"job_id": job.job_id, "attempt": job.attempt})
                 continue
             try:
                 options = _checked_options(job)
@@ -262,7 +265,8 @@ class SdfWorker:
 
     def _bounce(self, job: protocol.SdfJob) -> None:
         """Hand back a job that arrived with every slot taken (not a failure)."""
-        log.debug("no free slot for job %s attempt %d; handed back", job.job_id, job.attempt)
+        log.debug("no free slot for job %s attempt %d; handed back", job.job_id, job.attempt,
+                  extra={"job_id": job.job_id, "attempt": job.attempt})
         busy = protocol.error_dict(Stage.CONVERT, "busy", "no free conversion slot on this SDF worker")
         self._send(protocol.encode(protocol.SdfResult(
             worker_id=self.worker_id, job_id=job.job_id, attempt=job.attempt, ok=False, error=busy),
@@ -281,7 +285,7 @@ class SdfWorker:
         self._running[(job.job_id, job.attempt)] = _Held(job.job_id, job.attempt, job.name, conversion)
         self.max_held = max(self.max_held, len(self._running))
         log.info("job %s attempt %d: converting %s (%d bytes) in pid %s", job.job_id, job.attempt, job.name,
-                 len(job.glb), conversion.pid)
+                 len(job.glb), conversion.pid, extra={"job_id": job.job_id, "attempt": job.attempt})
 
     # --- children -------------------------------------------------------------
 
