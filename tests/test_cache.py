@@ -99,6 +99,12 @@ def package_bytes(result) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def settled(client: GeometryClient) -> dict:
+    """The cache's health map once its writer thread has stored every queued result."""
+    return wait_for(lambda: (lambda c: c if c["pending_writes"] == 0 else None)(client.health()["cache"]),
+                    timeout_s=60, what="the cache's writes")
+
+
 def worker_counts(stats: dict) -> tuple[int, int]:
     """(GLBs the instant workers returned, packages the SDF workers returned), as the broker counted them."""
     gpu = stats["backends"].get("instant", {}).get("completed", 0) + stats["backends"].get("instant", {}).get("failed", 0)
@@ -127,7 +133,7 @@ def test_a_hit_is_answered_without_any_worker(stack, tmp_path):
         assert second.info.get("mass_kg") == first.info.get("mass_kg")
         stats = client.health()
         assert worker_counts(stats) == (1, 1), "a worker saw the cached request"
-        cache = stats["cache"]
+        cache = settled(client)
         assert cache["enabled"] and cache["generate_hits"] == 1 and cache["convert_hits"] == 1
         assert cache["generate_misses"] == 1 and cache["convert_misses"] == 1
         assert cache["entries"] == 2 and cache["bytes"] > len(source.read_bytes())
@@ -156,7 +162,7 @@ def test_glb_only_hit_and_failures_are_never_cached(stack, tmp_path):
             assert not failed.ok and not failed.cached
         stats = client.health()
         assert stats["backends"]["failing"]["failed"] == 2, "the second failure must run again"
-        assert stats["cache"]["entries"] == 1
+        assert settled(client)["entries"] == 1
 
 
 def test_fresh_computes_again_and_refreshes_the_cache(stack, tmp_path):
@@ -170,9 +176,9 @@ def test_fresh_computes_again_and_refreshes_the_cache(stack, tmp_path):
         fresh = one(client, request_for(tmp_path, source, "b", fresh=True))
         assert fresh.ok and not fresh.cached
         assert fresh.info["cache"] == {"generate": "fresh", "convert": "fresh"}
-        stats = client.health()
-        assert worker_counts(stats) == (2, 2)
-        assert stats["cache"]["fresh"] == 1 and stats["cache"]["writes"] == 4  # stored again
+        assert worker_counts(client.health()) == (2, 2)
+        cache = settled(client)
+        assert cache["fresh"] == 1 and cache["writes"] == 4  # stored again
         again = one(client, request_for(tmp_path, source, "c"))
         assert again.ok and again.cached
         assert worker_counts(client.health()) == (2, 2)
@@ -283,13 +289,14 @@ def test_eviction_keeps_the_most_recently_used(stack, tmp_path):
         def run(n: int, out: str):
             result = one(client, request_for(tmp_path, meshes[n], out, want_sdf=False))
             assert result.ok, result.error
+            settled(client)  # written, so the order of use is the one on disk
             return result.cached
 
         assert [run(0, "a"), run(1, "b"), run(0, "c")] == [False, False, True]  # 1 is now the least recent
         assert run(2, "d") is False  # evicts 1
         assert run(0, "e") is True
         assert run(1, "f") is False
-        cache = client.health()["cache"]
+        cache = settled(client)
         assert cache["evictions"] >= 1 and cache["entries"] == 2 and cache["bytes"] <= cache["max_bytes"]
 
 
@@ -300,6 +307,7 @@ def test_corrupt_entries_are_misses(stack, tmp_path):
     with stack.client() as client:
         stack.wait_ready(client, sdf=False)
         assert one(client, request_for(tmp_path, source, "a", want_sdf=False)).ok
+        settled(client)
         for path in (stack.cache_dir / "entries").rglob("*"):
             if path.is_file():
                 path.write_bytes(path.read_bytes()[:-7] + b"garbage")

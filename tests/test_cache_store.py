@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 import subprocess
 import sys
 
@@ -116,6 +117,35 @@ def test_a_failing_write_is_a_miss_not_an_error(tmp_path):
     assert store.get(_key(2)) is None
     assert store.get(_key(1)) == b"one"
     assert not list(blocked.parent.glob(".tmp-*"))
+
+
+def test_put_soon_answers_from_memory_until_written_and_close_waits(tmp_path):
+    store = ResultCache(tmp_path, max_bytes=10_000)
+    release = threading.Event()
+
+    def make() -> bytes:
+        release.wait(30)  # the writer thread holds here: the entry stays queued
+        return b"late" * 10
+
+    assert store.put_soon(_key(1), 40, make)
+    assert store.pending() == 1
+    release.set()
+    assert store.get(_key(1)) == b"late" * 10  # from memory, or from disk if the writer was quick
+    store.close()
+    reopened = ResultCache(tmp_path, max_bytes=10_000)
+    assert reopened.get(_key(1)) == b"late" * 10
+    assert reopened.pending() == 0
+
+
+def test_put_soon_refuses_beyond_its_queue(tmp_path):
+    store = ResultCache(tmp_path, max_bytes=10_000, max_pending_bytes=100)
+    gate = threading.Event()
+    assert store.put_soon(_key(1), 80, lambda: gate.wait(30) and b"a" * 80)
+    assert not store.put_soon(_key(2), 40, lambda: b"b" * 40)  # 120 bytes would be queued
+    assert store.counters.skipped == 1
+    gate.set()
+    store.close()
+    assert ResultCache(tmp_path, max_bytes=10_000).usage() == (1, 80)
 
 
 def test_keys_change_with_every_part_of_what_made_the_result():

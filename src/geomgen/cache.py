@@ -16,6 +16,11 @@ small ``--cache-size`` evicts more than it must; the index here is one table
 with exact sizes, and SQLite's locking lets two processes (a ``serve`` and a
 ``generate`` of the same user) share one folder.
 
+``put_soon`` hands a write to one writer thread (packing, hashing, writing
+the file and the index row happen there), so a broker's loop never waits on
+the disk for a store; what is queued is bounded by ``max_pending_bytes`` and
+answered from memory until written.
+
 Every failure of the store (disk full, a locked or broken index) is logged
 and counted; the caller then simply computes the result. Nothing here raises
 to the broker.
@@ -29,11 +34,13 @@ import logging
 import os
 import shutil
 import sqlite3
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import msgpack
 
@@ -45,6 +52,7 @@ INDEX_NAME = "index.sqlite3"
 ENTRIES_NAME = "entries"
 SCHEMA_VERSION = 1  # bump when the entry format changes; an index of another version is started afresh
 LOCK_TIMEOUT_S = 0.5  # how long a read or write waits for another process's lock before it counts as a miss
+CLOSE_WAIT_S = 30.0  # how long close() waits for the writer thread to store what is queued
 
 
 def default_folder() -> Path:
@@ -197,18 +205,27 @@ class ResultCache:
     """A size-bounded LRU store of byte strings in ``folder``.
 
     ``max_bytes`` bounds the entries' total size; ``max_entry_bytes`` the size
-    of one entry (a larger one is not stored). Not thread-safe: one owner (the
-    broker loop); other processes may share the folder.
+    of one entry (a larger one is not stored). ``put`` writes now;
+    ``put_soon`` hands the write to one writer thread, holding at most
+    ``max_pending_bytes`` queued (``get`` answers a queued entry from memory).
+    One owner thread besides the writer; other processes may share the folder.
     """
 
     def __init__(self, folder: str | os.PathLike, max_bytes: int = defaults.CACHE_SIZE_BYTES,
-                 max_entry_bytes: int = defaults.CACHE_MAX_ENTRY_BYTES) -> None:
+                 max_entry_bytes: int = defaults.CACHE_MAX_ENTRY_BYTES,
+                 max_pending_bytes: int = defaults.CACHE_PENDING_BYTES) -> None:
         if max_bytes < 1 or max_entry_bytes < 1:
             raise ValueError("the cache's max_bytes and max_entry_bytes must be positive")
         self.folder = Path(folder).expanduser()
         self.max_bytes = int(max_bytes)
         self.max_entry_bytes = int(max_entry_bytes)
+        self.max_pending_bytes = int(max_pending_bytes)
         self.counters = CacheCounters()
+        self._lock = threading.RLock()  # the index connection and the counters, shared with the writer thread
+        self._pending: dict[str, tuple[int, Callable[[], bytes]]] = {}  # key -> (size, payload maker), queued
+        self._pending_bytes = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
         self._entries = self.folder / ENTRIES_NAME
         try:
             self._entries.mkdir(parents=True, exist_ok=True)
@@ -231,7 +248,7 @@ class ResultCache:
                 shutil.rmtree(self._entries, ignore_errors=True)
                 self._entries.mkdir(parents=True, exist_ok=True)
             try:
-                db = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None)
+                db = sqlite3.connect(path, timeout=LOCK_TIMEOUT_S, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")  # a crash may lose the last writes, never corrupt
                 db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
@@ -258,8 +275,72 @@ class ResultCache:
         for path in self._entries.glob("*/.tmp-*"):
             path.unlink(missing_ok=True)
 
-    def close(self) -> None:
-        self._db.close()
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Store what is queued (waiting up to ``wait_s``), then close the index."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(wait_s)
+            if self._writer.is_alive():
+                log.warning("result cache: %d queued entries not written within %g s; they are lost",
+                            len(self._pending), wait_s)
+            self._writer = None
+        with self._lock:
+            self._db.close()
+
+    # --- writing in the background ------------------------------------------------
+
+    def put_soon(self, key: str, size_bytes: int, make: Callable[[], bytes]) -> bool:
+        """Queue ``make()`` (about ``size_bytes``) for the writer thread to
+        store under ``key``; until then ``get(key)`` answers it from memory.
+        False when not queued: over the entry limit, or the queue already
+        holds ``max_pending_bytes`` (the result is simply not cached)."""
+        if size_bytes > min(self.max_entry_bytes, self.max_bytes):
+            self._count("skipped")
+            return False
+        with self._lock:
+            old = self._pending.get(key)
+            queued = self._pending_bytes - (old[0] if old else 0)
+            if queued + size_bytes > self.max_pending_bytes:
+                self.counters.skipped += 1
+                log.debug("result cache writer busy (%d bytes queued); %s not stored", queued, key[:16])
+                return False
+            self._pending[key] = (size_bytes, make)
+            self._pending_bytes = queued + size_bytes
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="geomgen-cache-writer", daemon=True)
+                self._writer.start()
+        self._queue.put(key)
+        return True
+
+    def _write_queued(self) -> None:
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            with self._lock:
+                item = self._pending.get(key)
+            if item is None:  # written already (queued twice)
+                continue
+            try:
+                payload = item[1]()
+            except Exception:  # noqa: BLE001 - a bad entry costs only its caching
+                log.exception("result cache: could not build entry %s; not stored", key[:16])
+                payload = None
+            if payload is not None:
+                self.put(key, payload)
+            with self._lock:
+                if self._pending.get(key) is item:
+                    del self._pending[key]
+                    self._pending_bytes -= item[0]
+
+    def pending(self) -> int:
+        """Entries queued for the writer thread."""
+        with self._lock:
+            return len(self._pending)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + n)
 
     # --- reading and writing ------------------------------------------------------
 
@@ -274,13 +355,24 @@ class ResultCache:
 
     def get(self, key: str) -> bytes | None:
         """The entry under ``key``, or None (a miss: absent, corrupt or unreadable)."""
+        with self._lock:
+            item = self._pending.get(key)
+        if item is not None:  # queued for the writer: answered from memory
+            try:
+                payload = item[1]()
+            except Exception:  # noqa: BLE001 - as in the writer: not cached
+                payload = None
+            if payload is not None:
+                self._count("hits")
+                return payload
         try:
-            row = self._db.execute("SELECT size, digest FROM entries WHERE key = ?", (key,)).fetchone()
+            with self._lock:
+                row = self._db.execute("SELECT size, digest FROM entries WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             self._failed("read", exc)
             return None
         if row is None:
-            self.counters.misses += 1
+            self._count("misses")
             return None
         size, digest = row
         try:
@@ -289,16 +381,17 @@ class ResultCache:
         except OSError:
             payload = None
         if payload is None or len(payload) != size or hashlib.blake2b(payload).hexdigest() != digest:
-            self.counters.corrupt += 1
-            self.counters.misses += 1
+            self._count("corrupt")
+            self._count("misses")
             log.warning("cache entry %s is missing or corrupt; dropped it (the result is computed again)", key[:16])
             self._drop([key])
             return None
         try:
-            self._db.execute("UPDATE entries SET used = ? WHERE key = ?", (self._now_ns(), key))
+            with self._lock:
+                self._db.execute("UPDATE entries SET used = ? WHERE key = ?", (self._now_ns(), key))
         except sqlite3.Error as exc:  # the hit stands; only its recency was not recorded
             log.debug("could not record the use of cache entry %s: %s", key[:16], exc)
-        self.counters.hits += 1
+        self._count("hits")
         return payload
 
     def put(self, key: str, payload: bytes) -> bool:
@@ -306,7 +399,7 @@ class ResultCache:
         recently used entries beyond ``max_bytes``. False when not stored."""
         size = len(payload)
         if size > self.max_entry_bytes or size > self.max_bytes:
-            self.counters.skipped += 1
+            self._count("skipped")
             log.debug("cache entry %s of %d bytes not stored: over the %d-byte entry limit", key[:16], size,
                       min(self.max_entry_bytes, self.max_bytes))
             return False
@@ -319,40 +412,44 @@ class ResultCache:
                 handle.write(payload)
             os.replace(temporary, target)  # readers see the old entry or the whole new one
             temporary = None
-            self._db.execute("INSERT OR REPLACE INTO entries (key, size, digest, used) VALUES (?, ?, ?, ?)",
-                             (key, size, hashlib.blake2b(payload).hexdigest(), self._now_ns()))
+            digest = hashlib.blake2b(payload).hexdigest()
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO entries (key, size, digest, used) VALUES (?, ?, ?, ?)",
+                                 (key, size, digest, self._now_ns()))
         except (OSError, sqlite3.Error) as exc:
             if temporary is not None:
                 Path(temporary).unlink(missing_ok=True)
             self._failed("write", exc)
             return False
-        self.counters.writes += 1
+        self._count("writes")
         self._evict()
         return True
 
     def _evict(self) -> None:
         """Drop least recently used entries until the total fits in max_bytes."""
         try:
-            total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0]
-            if total <= self.max_bytes:
-                return
-            victims = []
-            for key, size in self._db.execute("SELECT key, size FROM entries ORDER BY used, key"):
+            with self._lock:
+                total = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM entries").fetchone()[0]
                 if total <= self.max_bytes:
-                    break
-                victims.append(key)
-                total -= size
+                    return
+                victims = []
+                for key, size in self._db.execute("SELECT key, size FROM entries ORDER BY used, key"):
+                    if total <= self.max_bytes:
+                        break
+                    victims.append(key)
+                    total -= size
         except sqlite3.Error as exc:
             self._failed("evict", exc)
             return
-        self.counters.evictions += len(victims)
+        self._count("evictions", len(victims))
         self._drop(victims)
 
     def _drop(self, keys: list[str]) -> None:
         if not keys:
             return
         try:
-            self._db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
+            with self._lock:
+                self._db.executemany("DELETE FROM entries WHERE key = ?", [(k,) for k in keys])
         except sqlite3.Error as exc:
             self._failed("drop", exc)
             return
@@ -363,7 +460,7 @@ class ResultCache:
                 log.debug("could not remove cache file of %s: %s", key[:16], exc)
 
     def _failed(self, what: str, exc: Exception) -> None:
-        self.counters.errors += 1
+        self._count("errors")
         if self.counters.errors in (1, 10, 100) or self.counters.errors % 1000 == 0:
             log.warning("result cache %s failed in %s (%s); computing instead (%d failures so far)", what,
                         self.folder, exc, self.counters.errors)
@@ -373,21 +470,23 @@ class ResultCache:
     def usage(self) -> tuple[int, int]:
         """(entries, bytes) in the store now, every process's writes included."""
         try:
-            count, total = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
+            with self._lock:
+                count, total = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
             return int(count), int(total)
         except sqlite3.Error:
             return -1, -1
 
     def keys_by_use(self) -> list[str]:
         """Keys from least to most recently used (for tests and inspection)."""
-        return [row[0] for row in self._db.execute("SELECT key FROM entries ORDER BY used, key")]
+        with self._lock:
+            return [row[0] for row in self._db.execute("SELECT key FROM entries ORDER BY used, key")]
 
     def summary(self) -> dict:
         """The health reply's ``cache`` map."""
         entries, total = self.usage()
         c = self.counters
         return {"enabled": True, "dir": str(self.folder), "max_bytes": self.max_bytes, "entries": entries,
-                "bytes": total, "hits": c.hits, "misses": c.misses, "writes": c.writes, "evictions": c.evictions,
+                "bytes": total, "pending_writes": self.pending(), "hits": c.hits, "misses": c.misses, "writes": c.writes, "evictions": c.evictions,
                 "corrupt": c.corrupt, "errors": c.errors, "skipped": c.skipped}
 
 

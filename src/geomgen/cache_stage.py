@@ -9,9 +9,9 @@ the backend's workers announced) and again when it is handed to a worker
 whose identity differs (or when no worker had registered at acceptance); a
 conversion result when its GLB is ready, fresh or cached. A request with
 ``fresh`` skips the lookups; its results are stored all the same. Failed
-results are never stored. Reads and writes run in the broker loop: one entry
-is at most defaults.CACHE_MAX_ENTRY_BYTES (see docs/architecture.md, "Result
-cache").
+results are never stored. A lookup reads its entry in the broker loop (one
+entry is at most defaults.CACHE_MAX_ENTRY_BYTES); a store is handed to the
+cache's writer thread (see docs/architecture.md, "Result cache").
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class CacheStage:
         if self.cache is None or job.generate_key is None or job.from_cache_generate:
             return
         entry = cache_codec.GeneratedEntry(glb, dict(res.info), dict(res.debug_files))
-        self.cache.put(job.generate_key, cache_codec.pack_generated(entry))
+        size = len(glb) + sum(len(v) for v in entry.debug_files.values() if isinstance(v, (bytes, bytearray)))
+        self.cache.put_soon(job.generate_key, size, lambda: cache_codec.pack_generated(entry))
 
     # --- convert ---------------------------------------------------------------------
 
@@ -135,7 +136,8 @@ class CacheStage:
         if self.cache is None or job.convert_key is None:
             return
         entry = cache_codec.ConvertedEntry(dict(res.files), res.sdf_file, dict(res.info))
-        self.cache.put(job.convert_key, cache_codec.pack_converted(entry))
+        size = sum(len(v) for v in entry.files.values() if isinstance(v, (bytes, bytearray)))
+        self.cache.put_soon(job.convert_key, size, lambda: cache_codec.pack_converted(entry))
 
     # --- reporting -----------------------------------------------------------------------
 

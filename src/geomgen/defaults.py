@@ -66,3 +66,4 @@ CACHE_SIZE_BYTES = 10 * 1024**3  # what the result cache may hold on disk, bytes
 # Largest entry stored (a GLB with its debug files, or an SDF package), bytes. It bounds what one
 # cache hit reads inside the broker loop: about 30-60 ms and twice this in memory, once per hit.
 CACHE_MAX_ENTRY_BYTES = 64 * 1024 * 1024
+CACHE_PENDING_BYTES = 256 * 1024 * 1024  # results queued for the cache's writer thread at most, bytes; more are not cached
