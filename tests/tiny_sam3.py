@@ -147,35 +147,41 @@ def write_checkpoint(path: Path, model=None, *, key_prefix: str = "detector.") -
 
 
 SITECUSTOMIZE = '''\
-# Written by tests/tiny_sam3.py: shrink SAM 3 in this test's worker processes.
-import importlib.abc, sys
+# Written by tests/tiny_sam3.py for a test's worker processes: SAM 3 builds the
+# tiny model, and the sam3d pipeline allow-list takes the test stand-in.
+import importlib.abc, importlib.util, sys
 
-class _TinySam3(importlib.abc.MetaPathFinder):
+HOOKS = {"sam3.model_builder": "install", "geomgen.backends._sam3d_pipeline": "allow_stand_in"}
+
+class _TestHooks(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name != "sam3.model_builder":
+        if name not in HOOKS:
             return None
         sys.meta_path.remove(self)
-        import importlib.util
-        spec = importlib.util.find_spec(name)
-        loader = spec.loader
-        original = loader.exec_module
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        original = spec.loader.exec_module
 
-        def exec_module(module):
+        def exec_module(module, hook=HOOKS[name]):
             original(module)
-            sys.path.insert(0, {root!r})
+            if {root!r} not in sys.path:
+                sys.path.append({root!r})
             import tests.tiny_sam3
-            tests.tiny_sam3.install()
+            getattr(tests.tiny_sam3, hook)()
 
-        loader.exec_module = exec_module
+        spec.loader.exec_module = exec_module
         return spec
 
-sys.meta_path.insert(0, _TinySam3())
+sys.meta_path.insert(0, _TestHooks())
 '''
 
 
 def site_dir(folder: Path) -> Path:
     """A folder for PYTHONPATH whose ``sitecustomize.py`` makes every Python
-    process started with it build the tiny model instead of SAM 3's."""
+    process started with it build the tiny model instead of SAM 3's and allow
+    the stand-in pipeline (``allow_stand_in``)."""
     folder.mkdir(parents=True, exist_ok=True)
     root = str(Path(__file__).resolve().parent.parent)
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(root=root))
@@ -200,3 +206,88 @@ def scene_png(size: tuple[int, int] = (96, 80), alpha: bool = False) -> bytes:
 
 if __name__ == "__main__":  # python -m tests.tiny_sam3 OUT.pt
     write_checkpoint(Path(sys.argv[1]))
+
+
+# --- the stand-in for SAM 3D Objects ------------------------------------------------
+
+STAND_IN_TARGET = "tests.tiny_sam3.StandInSam3dPipeline"
+STAND_IN_PREFIX = "tests.tiny_sam3.StandIn"
+
+
+def allow_stand_in() -> None:
+    """The test-only allow-list entry for the stand-in below."""
+    from geomgen.backends import _sam3d_pipeline
+
+    if STAND_IN_PREFIX not in _sam3d_pipeline.ALLOWED_TARGET_PREFIXES:
+        _sam3d_pipeline.ALLOWED_TARGET_PREFIXES.append(STAND_IN_PREFIX)
+
+
+class StandInGaussians:
+    """TEST DOUBLE of SAM 3D Objects' Gaussian splat: ``save_ply`` writes a
+    small point cloud."""
+
+    def __init__(self, points):
+        self.points = points
+
+    def save_ply(self, path: str) -> None:
+        import trimesh
+
+        trimesh.PointCloud(self.points).export(path)
+
+
+class StandInSam3dPipeline:
+    """TEST DOUBLE of SAM 3D Objects' ``InferencePipelinePointMap`` (which
+    needs CUDA, pytorch3d and gated weights). Built from pipeline.yaml by the
+    real config loader; records what it was built with and every ``run`` call
+    (to ``record_path`` as JSON lines when the config gives one) and returns
+    what the real pipeline returns: ``glb``, a textured trimesh, +Y up, here a
+    box as wide and tall as the mask's bounding box (1 m per 100 px), placed
+    off-centre; and ``gs``, something with ``save_ply``."""
+
+    def __init__(self, workspace_dir: str, rendering_engine: str, compile_model: bool,
+                 record_path: str | None = None, **rest) -> None:
+        self.built_with = {"workspace_dir": workspace_dir, "rendering_engine": rendering_engine,
+                           "compile_model": compile_model, **rest}
+        self.record_path = record_path
+        self.calls: list[dict] = []
+
+    def run(self, image, mask, seed, **kwargs):
+        import json
+
+        import numpy as np
+        import trimesh
+        from PIL import Image
+
+        image = np.asarray(image)
+        alpha = image[..., 3] >= 128
+        rows, cols = np.nonzero(alpha)
+        call = {"shape": list(image.shape), "dtype": str(image.dtype), "mask": mask, "seed": seed,
+                "alpha_fraction": float(alpha.mean()),
+                "alpha_box_px": [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1],
+                "kwargs": kwargs, "built_with": self.built_with}
+        self.calls.append(call)
+        if self.record_path:
+            with open(self.record_path, "a") as out:
+                out.write(json.dumps(call) + "\n")
+        width_m = (call["alpha_box_px"][2] - call["alpha_box_px"][0]) / 100.0
+        height_m = (call["alpha_box_px"][3] - call["alpha_box_px"][1]) / 100.0
+        box = trimesh.creation.box(extents=[width_m, height_m, 0.1])
+        box.apply_translation([0.3, 0.2, -0.1])
+        texture = Image.fromarray(image[..., :3])
+        uv = np.column_stack([box.vertices[:, 0] / width_m + 0.5, box.vertices[:, 1] / height_m + 0.5]) % 1.0
+        box.visual = trimesh.visual.TextureVisuals(uv=uv, image=texture)
+        return {"glb": box, "gs": StandInGaussians(np.asarray(box.vertices)), "rotation": None,
+                "translation": None, "scale": None}
+
+
+def stand_in_config(folder: Path, *, record_path: Path | None = None, target: str = STAND_IN_TARGET,
+                    extra: str = "") -> Path:
+    """A pipeline.yaml that builds the stand-in, the way SAM 3D Objects' names
+    its pipeline (a ``_target_`` plus settings, relative paths under it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"_target_: {target}", "ss_generator_config_path: ss_generator.yaml", "dtype: float32"]
+    if record_path is not None:
+        lines.append(f"record_path: {record_path}")
+    path = folder / "pipeline.yaml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path

@@ -161,8 +161,42 @@ def _texture_extension() -> list[Check]:
 
 
 def _sam3() -> list[Check]:
-    module, why = _import("sam3")
-    return [Check("sam3", module is not None, _version("sam3") if module is not None else f"{why}; pip install 'geomgen[sam3d]'")]
+    """SAM 3 (the modules the segmenter uses, not just ``import sam3``: sam3
+    0.0.1 is an empty placeholder), SAM 3D Objects, their checkpoints and
+    whether a visible GPU has SAM 3D Objects' published 32 GB."""
+    from geomgen.backends import _sam3_segmenter as seg
+    from geomgen.backends import _sam3d_pipeline as rec
+    from geomgen.backends.sam3d import CHECKPOINT_ENV, PUBLISHED_GPU_GB
+
+    checks = []
+    missing = seg.missing_modules()
+    if not missing:
+        module, why = _import("sam3.model_builder")
+        if module is None:
+            missing = [f"sam3.model_builder ({why})"]
+    checks.append(Check("sam3", not missing, f"sam3 {_version('sam3')}" if not missing else
+                        f"{', '.join(missing)} cannot be imported; {seg.INSTALL_HINT}"))
+    absent = [name for name in rec.SAM3D_OBJECTS_MODULES if not seg.module_exists(name)]
+    checks.append(Check("SAM 3D Objects", not absent, "sam3d_objects " + _version("sam3d_objects") if not absent
+                        else f"{', '.join(absent)} not installed; {rec.SAM3D_OBJECTS_INSTALL}"))
+    for option, variable in CHECKPOINT_ENV.items():
+        path = os.environ.get(variable)
+        if not path:
+            checks.append(Check(option, False, f"${variable} not set; the sam3d worker then needs "
+                                               f"--backend-option {option}=PATH"))
+        else:
+            found = os.path.isfile(os.path.expanduser(path))
+            checks.append(Check(option, found, path if found else f"{path} does not exist"))
+    torch, _ = _import("torch")
+    if torch is not None and torch.cuda.is_available():
+        sizes = [torch.cuda.get_device_properties(i).total_memory / GIB for i in range(torch.cuda.device_count())]
+        big = max(sizes)
+        checks.append(Check("sam3d GPU memory", big >= PUBLISHED_GPU_GB,
+                            f"largest visible GPU {big:.1f} GiB; SAM 3D Objects needs at least {PUBLISHED_GPU_GB:g} GB"))
+    else:
+        checks.append(Check("sam3d GPU memory", False, "no CUDA device visible; SAM 3D Objects needs an NVIDIA GPU "
+                                                       f"with at least {PUBLISHED_GPU_GB:g} GB"))
+    return checks
 
 
 def _pydrake() -> list[Check]:

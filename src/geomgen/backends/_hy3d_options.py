@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from geomgen.backends._sam3_segmenter import DEFAULT_THRESHOLD as DEFAULT_SAM3_THRESHOLD
+from geomgen.backends._sam3_segmenter import SEGMENTER_OPTIONS
 from geomgen.contract import SCOPE_HINT
 from geomgen.errors import InputError
 from geomgen.optionspec import OptionSpec, parse_options
@@ -55,6 +57,7 @@ OPTIONS = (
     OptionSpec("num_chunks", "integer", DEFAULT_NUM_CHUNKS, 1000, 10_000_000),
     OptionSpec("seed", "integer", DEFAULT_SEED, 0, 2**63 - 1),
     OptionSpec("max_faces", "integer", DEFAULT_MAX_FACES, 100, 10_000_000),
+    *SEGMENTER_OPTIONS,  # segmenter=sam3: SAM 3 instead of rembg (backends/_sam3_segmenter.py)
 )
 OPTION_NAMES = tuple(spec.name for spec in OPTIONS)
 LOAD_OPTIONS = tuple(spec.name for spec in OPTIONS if not spec.per_request)
@@ -82,6 +85,10 @@ class Hy3dOptions:
     num_chunks: int = DEFAULT_NUM_CHUNKS
     seed: int = DEFAULT_SEED
     max_faces: int = DEFAULT_MAX_FACES
+    segmenter: str = "default"  # default: the alpha channel, else rembg; sam3: SAM 3 on every image
+    sam3_checkpoint: str | None = None
+    text_prompt: str | None = None  # with segmenter=sam3: the object to cut out; none: the foreground object
+    sam3_threshold: float = DEFAULT_SAM3_THRESHOLD
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

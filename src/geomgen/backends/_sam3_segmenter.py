@@ -91,16 +91,27 @@ class Segmentation:
 
 
 def missing_modules() -> list[str]:
-    """The segmenter's modules that cannot be found here (no import of torch)."""
-    missing = []
-    for name in REQUIRED_MODULES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # a parent package missing or broken
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
+    """The segmenter's modules that cannot be found here. Looks at files only:
+    ``find_spec("sam3.model_builder")`` would import sam3, and torch with it."""
+    return [name for name in REQUIRED_MODULES if not module_exists(name)]
+
+
+def module_exists(name: str) -> bool:
+    """Whether module ``name`` (dotted) is installed, without importing any of it."""
+    top, *rest = name.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    if not rest:
+        return True
+    for root in spec.submodule_search_locations or ():
+        path = Path(root).joinpath(*rest)
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return True
+    return False
 
 
 def checkpoint_problem(path: str | None) -> str | None:
@@ -298,3 +309,38 @@ def _png(image: "PIL.Image.Image") -> bytes:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0][:300] if lines else type(exc).__name__
+
+
+# --- the segmenter=sam3 option of the other image backends ---------------------------
+
+
+def load_for_backend(backend: str, options: dict[str, Any]) -> "Sam3Segmenter | None":
+    """The SAM 3 segmenter an image backend's options ask for (``segmenter=sam3``),
+    on the backend's ``device`` when it has one, else on CUDA when torch sees a
+    GPU, else the CPU; None for ``segmenter=default``.
+    Raises BackendUnavailable naming what is missing."""
+    if options.get("segmenter") != "sam3":
+        return None
+    problem = checkpoint_problem(options.get("sam3_checkpoint"))
+    if problem:
+        raise BackendUnavailable(f"{backend} with segmenter=sam3: {problem}")
+    missing = missing_modules()
+    if missing:
+        raise BackendUnavailable(f"{backend} with segmenter=sam3 needs {', '.join(missing)}, which cannot be "
+                                 f"imported here; {INSTALL_HINT}")
+    device = options.get("device") or "auto"
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Sam3Segmenter(options["sam3_checkpoint"], device)
+
+
+def cut_out(segmenter: Sam3Segmenter, image: "PIL.Image.Image", input_name: str, text_prompt: str | None,
+            threshold: float, debug: bool) -> tuple["PIL.Image.Image", dict[str, Any], dict[str, bytes]]:
+    """``image`` as RGBA with SAM 3's mask as alpha (the object ``text_prompt``
+    names, or without one the foreground object), the segmentation's facts
+    for the result's info, and the debug images when ``debug``."""
+    prompt = (text_prompt or "").strip() or None
+    found = segmenter.segment(image, "text" if prompt else "foreground", prompt, threshold, input_name=input_name)
+    return found.rgba(image), found.info(), (found.debug_files(image, input_name) if debug else {})

@@ -62,6 +62,7 @@ class Hunyuan3DBackend(Backend):
         self._texture_reason = "texture=off"  # why there is no painter
         self._rembg_session: Any = None
         self._rembg_reason = ""  # why background removal is unavailable
+        self._segmenter: Any = None  # SAM 3, with segmenter=sam3
         self._weights_folder = ""
 
     # --- availability ---------------------------------------------------------
@@ -148,7 +149,12 @@ class Hunyuan3DBackend(Backend):
             ) from None
         self._pipeline = pipeline
         self._load_painter(device)
-        self._load_background_remover()
+        if self.settings.segmenter == "sam3":
+            from geomgen.backends._sam3_segmenter import load_for_backend
+
+            self._segmenter = load_for_backend(self.name, self.settings.as_dict())
+        else:
+            self._load_background_remover()
         log.info("hunyuan3d loaded %s on %s (%s), flashvdm %s, texture %s",
                  weights.folder, device, dtype_name, "on" if self.settings.flashvdm else "off",
                  "on" if self._painter is not None else f"off ({self._texture_reason})")
@@ -247,7 +253,16 @@ class Hunyuan3DBackend(Backend):
         from geomgen.inputs import decode_image
 
         image = decode_image(job.input_data, job.input_name)
-        rgba, background = self._foreground(image, job)
+        debug: dict[str, bytes] = {}
+        if self._segmenter is not None:
+            from geomgen.backends._sam3_segmenter import cut_out
+
+            job.progress("segmenting with SAM 3")
+            rgba, found, debug = cut_out(self._segmenter, image, job.input_name, settings.text_prompt,
+                                         settings.sam3_threshold, job.debug)
+            background = f"sam3:{found['mode']}"
+        else:
+            rgba, background = self._foreground(image, job)
         seconds["background_s"] = time.monotonic() - started_s
 
         job.progress(f"shape: {settings.steps} steps, octree {settings.octree_resolution}")
@@ -291,7 +306,8 @@ class Hunyuan3DBackend(Backend):
         }
         if on_cuda:
             info["gpu_peak_gb"] = round(self._torch.cuda.max_memory_allocated(settings.device) / 1024**3, 3)
-        debug = {"hunyuan3d_input.png": png_bytes(rgba)} if job.debug else {}
+        if job.debug:
+            debug["hunyuan3d_input.png"] = png_bytes(rgba)
         return GenerationOutput(glb=glb, info=info, debug_files=debug)
 
     def _wants_texture(self, settings: Hy3dOptions) -> bool:
@@ -385,6 +401,9 @@ class Hunyuan3DBackend(Backend):
         self._pipeline = None
         self._painter = None
         self._rembg_session = None
+        if self._segmenter is not None:
+            self._segmenter.close()
+        self._segmenter = None
         self._free_gpu_memory()
 
 

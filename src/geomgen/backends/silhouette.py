@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from geomgen import defaults
+from geomgen.backends._sam3_segmenter import SEGMENTER_OPTIONS
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
 from geomgen.errors import GenerateError, InputError
 from geomgen.optionspec import OptionSpec
@@ -43,6 +44,7 @@ OPTIONS = (
     OptionSpec("resolution", "integer", MESH_PX, 16, 512, help="long side of the grid the solid is built on, px"),
     OptionSpec("texture_px", "integer", TEXTURE_PX, 64, 4096, help="long side of the texture, px"),
     OptionSpec("flat_base", "switch", True, help="stand the solid on a flat footprint"),
+    *SEGMENTER_OPTIONS,  # segmenter=sam3: SAM 3 cuts the object out (backends/_sam3_segmenter.py)
 )
 
 
@@ -273,6 +275,13 @@ class SilhouetteBackend(Backend):
     input_kind = "image"
     uses_gpu = False
     options_spec = OPTIONS
+    _segmenter = None  # SAM 3, with segmenter=sam3
+
+    def load(self) -> None:
+        """Load SAM 3 once when ``segmenter=sam3``; nothing otherwise."""
+        from geomgen.backends._sam3_segmenter import load_for_backend
+
+        self._segmenter = load_for_backend(self.name, self.resolve_options(self.options))
 
     def generate(self, job: GenerationInput) -> GenerationOutput:
         import trimesh
@@ -281,13 +290,28 @@ class SilhouetteBackend(Backend):
         from geomgen.inputs import decode_image
 
         opts = self.resolve_options(self.options, job.options)
+        segmenter_options = {spec.name: opts.pop(spec.name) for spec in SEGMENTER_OPTIONS}
         started = time.perf_counter()
         image = decode_image(job.input_data, job.input_name)
         job.progress("image decoded")
+        segmentation, debug = {}, {}
+        if segmenter_options["segmenter"] == "sam3":
+            from geomgen.backends._sam3_segmenter import cut_out
+
+            if self._segmenter is None:
+                raise GenerateError("segmenter=sam3 but SAM 3 was not loaded; the worker must call load() first",
+                                    code="backend_not_loaded")
+            job.progress("segmenting with SAM 3")
+            image, segmentation, debug = cut_out(self._segmenter, image, job.input_name,
+                                                 segmenter_options["text_prompt"],
+                                                 segmenter_options["sam3_threshold"], job.debug)
         mesh, info = silhouette_mesh(image, **opts)
+        if segmentation:
+            info["segmentation"] = f"sam3:{segmentation['mode']}"
+            info["sam3"] = segmentation
         if not mesh.is_watertight:  # the construction guarantees it; never ship a leaky solid
             raise GenerateError("the silhouette solid is not closed; try another resolution", code="not_watertight")
         glb = export_glb(trimesh.Scene(mesh))
         info["seconds"] = round(time.perf_counter() - started, 4)
         info["height_m"] = opts["height_m"]
-        return GenerationOutput(glb=glb, info=info)
+        return GenerationOutput(glb=glb, info=info, debug_files=debug)
