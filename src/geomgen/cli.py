@@ -431,6 +431,10 @@ from geomgen import cli_gateway  # noqa: E402
 
 cli.add_command(cli_gateway.gateway)
 
+from geomgen import cli_slurm  # noqa: E402
+
+cli.add_command(cli_slurm.slurm)
+
 from geomgen import cli_config  # noqa: E402
 
 cli.add_command(cli_config.config_group)
