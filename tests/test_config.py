@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -108,6 +107,15 @@ def test_a_command_table_beats_the_shared_table(tmp_path):
     gpu = show("--config", str(site), "config", "show", "gpu-worker", "--backend", "mesh")
     assert (sdf["log_format"]["value"], gpu["log_format"]["value"]) == ("text", "json")
     assert sdf["broker"]["value"] == gpu["broker"]["value"] == "hub:7000"
+
+
+def test_a_group_table_applies_to_its_subcommands(tmp_path):
+    site = tmp_path / "site.toml"
+    site.write_text('[keys]\nkeys = "/srv/keys"\n\n[keys.add]\nkeys = "/srv/other-keys"\n')
+    listed = show("--config", str(site), "config", "show", "keys", "list")["keys"]
+    added = show("--config", str(site), "config", "show", "keys", "add")["keys"]
+    assert (listed["value"], listed["from"]) == ("/srv/keys", f"{site.resolve()} [keys] keys")
+    assert (added["value"], added["from"]) == ("/srv/other-keys", f"{site.resolve()} [keys.add] keys")
 
 
 BAD_FILES = {

@@ -91,13 +91,16 @@ def test_text_is_the_default_format(procs):
 
 
 def test_serve_keeps_its_log_folder_after_a_clean_stop(tmp_path):
+    """The format comes from a config file whose [all] also names peer keys for this host's
+    workers: serve's own processes log in serve's format and ignore the file's keys."""
     state = tmp_path / "state"
     stderr_path = tmp_path / "serve.err"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(state)}
+    site = tmp_path / "site.toml"
+    site.write_text('[all]\nlog_format = "json"\nkey = "no/such.key_secret"\nbroker_key = "no/such/broker.key"\n')
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(state), "GEOMGEN_CONFIG": str(site)}
     with open(stderr_path, "wb") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", "geomgen", "serve", "--backend", "mesh", "--sdf-workers", "1",
-                                 "--port", "0", "--log-format", "json"], stdout=subprocess.DEVNULL, stderr=stderr,
-                                env=env)
+                                 "--port", "0"], stdout=subprocess.DEVNULL, stderr=stderr, env=env)
     try:
         wait_for(lambda: proc.poll() is not None or "serving on" in stderr_path.read_text(), timeout_s=120,
                  what="serve's banner")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import click
@@ -113,8 +114,6 @@ def _env_names(param: click.Parameter) -> list[str]:
 
 
 def _os_env(name: str) -> bool:
-    import os
-
     return bool(os.environ.get(name))
 
 

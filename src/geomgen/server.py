@@ -318,6 +318,9 @@ class GeometryServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         for name in KEY_ENV_VARS:  # keys come from this server's flags, never from an inherited environment
             env.pop(name, None)
+        # Nor from a config file: one written for this host's commands ([all] key = ...) would give
+        # a worker keys this stack's broker does not use. The children's settings are this server's.
+        env.pop("GEOMGEN_CONFIG", None)
         with open(child.log_path, "wb") as log:
             child.process = subprocess.Popen(
                 [sys.executable, "-m", "geomgen", *args], stdout=log, stderr=subprocess.STDOUT,
