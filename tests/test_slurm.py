@@ -7,7 +7,8 @@ With a real one-node Slurm cluster (marker ``slurm``; .ci/run installs
 slurm-wlm and munge first): munged, slurmctld and slurmd started by a
 fixture with a configuration of their own in a temporary folder, every
 connection on loopback; ``geomgen slurm submit`` runs a CPU backend in the
-GPU-worker jobs, a batch goes through with ``geomgen generate --broker``, one
+GPU-worker jobs, a batch goes through ``geomgen generate`` with the settings of
+``client.env``, one
 GPU-worker job is cancelled with scancel mid-batch, and every item still
 completes; then ``status`` and ``stop``.
 """
@@ -257,10 +258,13 @@ def test_submit_generate_scancel_a_worker_status_stop(cluster, tmp_path):
     state = tmp_path / "state"
     cluster.env.update(GEOMGEN_SLURM_CMD=f"{sys.executable} -m geomgen", GEOMGEN_SLURM_BIND="127.0.0.1",
                        PYTHONUNBUFFERED="1")
+    # Extra sbatch options from the configuration file; the flags name the rest.
+    site = tmp_path / "site.toml"
+    site.write_text('[slurm.submit]\nsbatch_arg = ["--time=30", "--comment=geomgen-test"]\n')
     # The GPU-worker jobs run a CPU backend here: no GPUs are asked for.
-    submitted = _geomgen(cluster, "slurm", "submit", "--backend", "silhouette", "--gpu-workers", "2",
-                         "--sdf-workers", "1", "--gpu-worker-cpus", "1", "--sdf-cpus", "2", "--state-dir", str(state),
-                         "--timeout", "180", "--sbatch-arg=--time=30")
+    submitted = _geomgen(cluster, "--config", str(site), "slurm", "submit", "--backend", "silhouette",
+                         "--gpu-workers", "2", "--sdf-workers", "1", "--gpu-worker-cpus", "1", "--sdf-cpus", "2",
+                         "--state-dir", str(state), "--timeout", "180")
     assert submitted.returncode == 0, submitted.stderr
     address = submitted.stdout.strip()
     assert address.startswith(f"tcp://{socket.gethostname()}:")
@@ -269,6 +273,8 @@ def test_submit_generate_scancel_a_worker_status_stop(cluster, tmp_path):
     assert record.broker and len(record.gpu_workers) == 2 and len(record.sdf_workers) == 1
     client_env = (state / "client.env").read_text()
     assert f"export GEOMGEN_BROKER={address}\n" in client_env
+    for job in record.ids():  # what the file asked for reached every job
+        assert cluster.run("squeue", "-h", "-j", job, "-o", "%l|%k").stdout.strip() == "30:00|geomgen-test"
 
     keys = load_peer_keys(state / "keys/clients/slurm-client.key_secret", state / "keys/broker.key")
 
@@ -284,10 +290,10 @@ def test_submit_generate_scancel_a_worker_status_stop(cluster, tmp_path):
 
     images = _images(tmp_path / "images", 8)
     out = tmp_path / "assets"
-    # As a user would: the client settings from client.env (GEOMGEN_KEY, GEOMGEN_BROKER_KEY), --broker given.
+    # As a user would: the broker and the keys from client.env (GEOMGEN_BROKER, GEOMGEN_KEY, GEOMGEN_BROKER_KEY).
     command = (f"source {state / 'client.env'} && exec {sys.executable} -m geomgen generate "
                + " ".join(str(p) for p in images)
-               + f' --out {out} --broker "$GEOMGEN_BROKER" --height 0.3 --collision hull --json --timeout 120')
+               + f" --out {out} --height 0.3 --collision hull --json --timeout 120")
     batch = subprocess.Popen(["bash", "-c", command], env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     try:
