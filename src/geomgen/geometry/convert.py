@@ -211,7 +211,7 @@ def _build(
     warnings += pieces.warnings
     if pieces.fallbacks:
         warnings.append(f"collision pieces made by {pieces.method} after: " + "; ".join(pieces.fallbacks))
-    stages.mark("decompose")
+    stages.mark("decompose", part={"simplify": pieces.simplify_s})
 
     material = materials.MATERIALS.get(options.material) if options.material else None
     props = mass_properties(solid_drake, solid.faces, solid.watertight, pieces.pieces, options.mass_kg,
@@ -334,10 +334,15 @@ class _Stages:
         self.seconds: dict[str, float] = {}
         self._last_s = start_s
 
-    def mark(self, stage: str) -> None:
-        """``stage`` ended now: it took the time since the previous mark."""
+    def mark(self, stage: str, part: dict[str, float] | None = None) -> None:
+        """``stage`` ended now: it took the time since the previous mark, less
+        the seconds of the sub-stages in ``part``, which are recorded apart."""
         now_s = time.monotonic()
-        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + now_s - self._last_s, 4)
+        spent_s = now_s - self._last_s
+        for sub, sub_s in (part or {}).items():
+            self.seconds[sub] = round(self.seconds.get(sub, 0.0) + sub_s, 4)
+            spent_s -= sub_s
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + spent_s, 4)
         self._last_s = now_s
 
 

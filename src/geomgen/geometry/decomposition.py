@@ -45,6 +45,7 @@ class Decomposition:
     faces_in: int = 0
     params: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    simplify_s: float = 0.0  # of seconds, those spent simplifying the solid before the method
 
 
 class RungFailed(Exception):
@@ -151,6 +152,7 @@ def decompose(
         used_vertices, used_faces, note = simplify(vertices, faces, budget)
         if note:
             warnings.append(note)
+    simplify_s = time.monotonic() - start
     try:
         for rung in LADDER[LADDER.index(first):]:
             rung_params = chosen if rung == method else collision_params(rung, {}, resolve=True)
@@ -173,7 +175,8 @@ def decompose(
                 fallbacks.append(f"{rung}: raised {type(exc).__name__}: {exc}")
                 continue
             return Decomposition(pieces=pieces, method=rung, fallbacks=fallbacks, seconds=time.monotonic() - start,
-                                 faces_in=len(rung_faces), params=rung_params, warnings=warnings)
+                                 faces_in=len(rung_faces), params=rung_params, warnings=warnings,
+                                 simplify_s=simplify_s)
     finally:
         if resume.on_rung is not None:
             resume.on_rung(None)

@@ -107,5 +107,5 @@ def write_preview(path: Path, visual_path: Path, collision_paths: Sequence[Path]
     for x, caption in ((4, "visual"), (panel_px + 4, f"collision: {pieces} piece{'s' * (pieces != 1)}")):
         draw.text((x, 3), caption, fill=(40, 40, 48))
     path = Path(path)
-    image.save(path, format="PNG", optimize=True)
+    image.save(path, format="PNG")  # optimize=True would cost ~0.2 s for ~10% smaller
     return path
