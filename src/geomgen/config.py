@@ -325,9 +325,9 @@ def config_option(fn):
     """``--config FILE`` (or GEOMGEN_CONFIG) on the root group."""
     return click.option(
         "--config", "config_file", envvar=CONFIG_ENV, metavar="FILE", type=click.Path(dir_okay=False, path_type=Path),
-        help=f"TOML file of settings: a [COMMAND] table per command, shared keys (broker, keys, log_level...) at "
+        help=f"TOML file of settings: a [COMMAND] table per command, shared keys (broker, keys, log_level...) "
              f"in [all] [env {CONFIG_ENV}]. Flags beat environment variables, which beat the file. "
-             f"See `geomgen config show`.",
+             f"See `geomgen config show` and docs/configuration.md.",
     )(fn)
 
 
