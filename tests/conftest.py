@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 import zmq
@@ -24,6 +24,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def free_base_port(count: int = 4) -> int:
     """A base port with ``count`` consecutive free ports after it on 127.0.0.1."""
     return server_free_base_port("127.0.0.1", count)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_result_cache(tmp_path_factory) -> Iterator[Path]:
+    """Brokers started by module-scoped fixtures (set up before any test's own
+    fixtures) get this session's empty result cache, never the user's."""
+    folder = tmp_path_factory.mktemp("session-result-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("GEOMGEN_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(autouse=True)

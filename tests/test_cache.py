@@ -358,3 +358,48 @@ def test_generate_twice_costs_seconds_the_second_time(tmp_path, private_result_c
     fresh = subprocess.run(command + ["--fresh"], capture_output=True, text=True, timeout=600)
     assert fresh.returncode == 0 and json.loads(fresh.stdout.strip().splitlines()[-1])["cached"] is False
     print(f"generate: first run {seconds[0]:.1f} s, second run {seconds[1]:.1f} s")
+
+
+def test_the_http_gateway_reports_broker_hits_and_passes_fresh(stack, tmp_path, procs):
+    """Through `geomgen gateway`: a second item with the same input and options
+    (another output name, so not the gateway's own recent item) is a broker
+    cache hit; `fresh` computes it anew."""
+    import requests
+
+    from tests.conftest import free_base_port
+
+    stack.start_broker()
+    stack.gpu_worker()
+    port = free_base_port(1)
+    procs.start("gateway", "--broker", stack.address, "--port", str(port), "--allow-root", str(tmp_path), env=ENV,
+                name="gateway")
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{url}/health", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return False
+
+    wait_for(up, timeout_s=60, interval_s=0.1, what="the gateway")
+    source = mesh_file(tmp_path, "ball.glb")
+    with stack.client() as client:
+        stack.wait_ready(client, sdf=False)
+
+    def run(name: str, **extension) -> dict:
+        item = {"image_path": str(source), "output_dir": str(tmp_path / "out"), "prompt": "a ball",
+                "output_filename": name, "backend": "instant", "geomgen": extension}
+        reply = requests.post(f"{url}/generate_geometries", json=[item], timeout=120)
+        assert reply.status_code == 200, reply.text
+        line = json.loads(reply.text.strip().splitlines()[-1])
+        assert line["status"] == "success", line
+        return line["geomgen"]
+
+    assert run("first.glb")["cached"] is False
+    assert run("second.glb")["cached"] is True
+    assert run("third.glb", fresh=True)["cached"] is False
+    with stack.client() as client:
+        assert client.health()["backends"]["instant"]["completed"] == 2
+    bad = requests.post(f"{url}/generate_geometries", timeout=60, json=[
+        {"image_path": str(source), "output_dir": str(tmp_path / "out"), "prompt": "p", "geomgen": {"fresh": 1}}])
+    assert bad.status_code == 400 and "fresh must be true or false" in bad.text

@@ -22,7 +22,7 @@ from geomgen.files import resolved_within
 REQUIRED_KEYS = ("image_path", "output_dir", "prompt")
 OPTIONAL_KEYS = ("debug_folder", "output_filename", "backend", "sam3d_config", "scene_id")
 EXTENSION_KEY = "geomgen"  # geomgen's own per-item options; asking for them adds a "geomgen" key to the line
-EXTENSION_FIELDS = ("want_sdf", "backend_options", "convert", "deadline_s")
+EXTENSION_FIELDS = ("want_sdf", "backend_options", "convert", "deadline_s", "fresh")
 
 
 class BadBatch(Exception):
@@ -85,6 +85,8 @@ def _check_item(index: int, item: Any) -> None:
                             f"known: {', '.join(EXTENSION_FIELDS)}")
     if "want_sdf" in extension and not isinstance(extension["want_sdf"], bool):
         raise BadBatch(400, f"item {index}: {EXTENSION_KEY}.want_sdf must be true or false")
+    if "fresh" in extension and not isinstance(extension["fresh"], bool):
+        raise BadBatch(400, f"item {index}: {EXTENSION_KEY}.fresh must be true or false")
     for key in ("backend_options", "convert"):
         if extension.get(key) is not None and not isinstance(extension[key], dict):
             raise BadBatch(400, f"item {index}: {EXTENSION_KEY}.{key} must be an object")
@@ -173,7 +175,7 @@ def prepare(index: int, item: dict, roots: Roots, default_backend: str, claimed:
             backend=item.get("backend") or default_backend, sam3d_config=item.get("sam3d_config"),
             scene_id=item.get("scene_id"), backend_options=dict(extension.get("backend_options") or {}),
             convert_options=dict(extension.get("convert") or {}), want_sdf=want_sdf,
-            deadline_s=extension.get("deadline_s"),
+            deadline_s=extension.get("deadline_s"), fresh=bool(extension.get("fresh", False)),
         )
         digest = hashlib.sha256(read_input(image)).hexdigest()
     except GeomgenError as exc:
@@ -182,8 +184,8 @@ def prepare(index: int, item: dict, roots: Roots, default_backend: str, claimed:
     prepared.request = request
     options = {"backend_options": request.backend_options, "sam3d_config": request.sam3d_config,
                "geomgen": extension, "debug": request.debug_folder}
-    prepared.cache_key = json.dumps([digest, request.backend, options, str(output_dir), named_as],
-                                    sort_keys=True, default=str)
+    prepared.cache_key = None if request.fresh else json.dumps(  # fresh: computed anew, not the gateway's copy
+        [digest, request.backend, options, str(output_dir), named_as], sort_keys=True, default=str)
     return prepared
 
 
