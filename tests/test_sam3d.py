@@ -253,7 +253,7 @@ def test_a_pipeline_without_a_mesh_is_a_generate_error(tmp_path, checkpoint, sta
     assert caught.value.code == "pipeline_error" and "ZeroDivisionError" in caught.value.message
 
 
-def test_start_up_names_what_is_missing(tmp_path, checkpoint):
+def test_start_up_names_what_is_missing(tmp_path, checkpoint, monkeypatch):
     real = tiny_sam3.stand_in_config(
         tmp_path / "hf", target="sam3d_objects.pipeline.inference_pipeline_pointmap.InferencePipelinePointMap")
     with pytest.raises(BackendUnavailable) as caught:
@@ -261,7 +261,13 @@ def test_start_up_names_what_is_missing(tmp_path, checkpoint):
     message = caught.value.message
     assert "sam3d_objects" in message and "pytorch3d" in message
     assert "facebookresearch/sam-3d-objects" in message and "docs/sam3d.md" in message
-    with pytest.raises(BackendUnavailable, match="sam3d_checkpoint"):
+    # No pipeline configured: everything this machine lacks for sam3d (check()'s sentence).
+    monkeypatch.delenv("SAM3D_CHECKPOINT", raising=False)
+    with pytest.raises(BackendUnavailable) as caught:
+        Sam3dBackend({"sam3_checkpoint": str(checkpoint), "device": "cpu"}).load()
+    assert caught.value.message == Sam3dBackend.check() and "sam3d_objects" in caught.value.message
+    monkeypatch.setattr("geomgen.backends.sam3d.Sam3dBackend.check", classmethod(lambda cls: None))
+    with pytest.raises(BackendUnavailable, match="no SAM 3D Objects pipeline given .option sam3d_checkpoint"):
         Sam3dBackend({"sam3_checkpoint": str(checkpoint), "device": "cpu"}).load()
     with pytest.raises(BackendUnavailable, match="does not exist"):
         _backend(checkpoint, tmp_path / "nowhere" / "pipeline.yaml")

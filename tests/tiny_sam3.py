@@ -166,8 +166,8 @@ class _TestHooks(importlib.abc.MetaPathFinder):
 
         def exec_module(module, hook=HOOKS[name]):
             original(module)
-            if {root!r} not in sys.path:
-                sys.path.append({root!r})
+            if __ROOT__ not in sys.path:
+                sys.path.append(__ROOT__)
             import tests.tiny_sam3
             getattr(tests.tiny_sam3, hook)()
 
@@ -184,7 +184,7 @@ def site_dir(folder: Path) -> Path:
     the stand-in pipeline (``allow_stand_in``)."""
     folder.mkdir(parents=True, exist_ok=True)
     root = str(Path(__file__).resolve().parent.parent)
-    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.format(root=root))
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE.replace("__ROOT__", repr(root)))
     return folder
 
 

@@ -111,6 +111,17 @@ class Sam3dBackend(Backend):
 
     # --- loading ---------------------------------------------------------------
 
+    def identity(self) -> str:
+        """The base identity, the resolved settings (checkpoints from the
+        environment included) and each weight file's fingerprint (name, size,
+        SHA-256 of its first and last MiB): the SAM 3 checkpoint and the
+        pipeline config."""
+        from geomgen.backends._hy3d_weights import checkpoint_fingerprint
+
+        files = [self.settings.get("sam3_checkpoint"), self.settings.get("sam3d_checkpoint")]
+        prints = [checkpoint_fingerprint(Path(f).expanduser()) for f in files if f and Path(f).expanduser().is_file()]
+        return f"{super().identity()} settings {sorted(self.settings.items(), key=str)!r} weights {prints}"
+
     def load(self) -> None:
         """Check the pipeline config, then load SAM 3 and SAM 3D Objects once.
 
@@ -118,6 +129,10 @@ class Sam3dBackend(Backend):
         to install it), a checkpoint, CUDA, or a config that builds something
         outside the allow-list.
         """
+        if not self.settings["sam3d_checkpoint"]:
+            # Nothing configured: say everything this machine lacks for sam3d.
+            raise BackendUnavailable(self.check() or "no SAM 3D Objects pipeline given (option "
+                                     f"sam3d_checkpoint); {reconstruction.WEIGHTS_HINT}")
         config = reconstruction.read_config(self.settings["sam3d_checkpoint"])
         missing = reconstruction.missing_modules(config)
         if missing:
