@@ -29,9 +29,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from geomgen import GeometryClient, GeometryRequest  # noqa: E402
-from geomgen.server import free_base_port  # noqa: E402
-from tests.plugins import box_glb  # noqa: E402
+from geomgen import GeometryClient, GeometryRequest
+from geomgen.server import free_base_port
+from tests.plugins import box_glb
 
 
 def glb_of(size_bytes: int, salt: int) -> bytes:

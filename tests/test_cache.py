@@ -101,8 +101,11 @@ def package_bytes(result) -> dict[str, bytes]:
 
 def settled(client: GeometryClient) -> dict:
     """The cache's health map once its writer thread has stored every queued result."""
-    return wait_for(lambda: (lambda c: c if c["pending_writes"] == 0 else None)(client.health()["cache"]),
-                    timeout_s=60, what="the cache's writes")
+    def written() -> dict | None:
+        cache = client.health()["cache"]
+        return cache if cache["pending_writes"] == 0 else None
+
+    return wait_for(written, timeout_s=60, what="the cache's writes")
 
 
 def worker_counts(stats: dict) -> tuple[int, int]:
@@ -140,7 +143,7 @@ def test_a_hit_is_answered_without_any_worker(stack, tmp_path):
         assert cache["hits"] == 2 and cache["misses"] == 2
     # geomgen health shows it too
     shown = subprocess.run([sys.executable, "-m", "geomgen", "health", "--broker", stack.address],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60, check=False)
     assert shown.returncode == 0, shown.stderr
     assert "result cache: 2 hits, 2 misses; 2 entries" in shown.stdout
 
@@ -334,7 +337,7 @@ def test_no_cache_broker(stack, tmp_path):
 
 def test_bad_cache_size_is_refused(tmp_path):
     out = subprocess.run([sys.executable, "-m", "geomgen", "broker", "--cache-size", "lots"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 2
     assert "cache size 'lots' is not a size" in out.stderr
 
@@ -348,14 +351,14 @@ def test_generate_twice_costs_seconds_the_second_time(tmp_path, private_result_c
     rows, seconds = [], []
     for _ in range(2):
         started = time.monotonic()
-        run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         seconds.append(time.monotonic() - started)
         assert run.returncode == 0, run.stderr[-2000:]
         rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
     assert rows[0]["status"] == rows[1]["status"] == "ok"
     assert rows[0]["cached"] is False and rows[1]["cached"] is True
     assert any(private_result_cache.rglob("index.sqlite3"))
-    fresh = subprocess.run(command + ["--fresh"], capture_output=True, text=True, timeout=600)
+    fresh = subprocess.run(command + ["--fresh"], capture_output=True, text=True, timeout=600, check=False)
     assert fresh.returncode == 0 and json.loads(fresh.stdout.strip().splitlines()[-1])["cached"] is False
     print(f"generate: first run {seconds[0]:.1f} s, second run {seconds[1]:.1f} s")
 
@@ -403,3 +406,36 @@ def test_the_http_gateway_reports_broker_hits_and_passes_fresh(stack, tmp_path, 
     bad = requests.post(f"{url}/generate_geometries", timeout=60, json=[
         {"image_path": str(source), "output_dir": str(tmp_path / "out"), "prompt": "p", "geomgen": {"fresh": 1}}])
     assert bad.status_code == 400 and "fresh must be true or false" in bad.text
+
+
+def test_geometry_server_passes_its_cache_settings(tmp_path):
+    """GeometryServer (behind `geomgen serve`) hands cache_dir and cache_size to its broker."""
+    from geomgen import GeometryServer
+
+    folder = tmp_path / "server-cache"
+    table = SAMPLES / "table.glb"
+    with GeometryServer(backends=["mesh"], sdf_workers=0, base_port=0, cache_dir=str(folder),
+                        cache_size="50M") as server:
+        server.wait_until_ready(120)
+        with GeometryClient(server.address, timeout_s=60) as client:
+            results = [one(client, GeometryRequest(image_path=str(table), output_dir=str(tmp_path / "out"),
+                                                   output_filename=f"t{n}", backend="mesh", want_sdf=False))
+                       for n in range(2)]
+            cache = client.health()["cache"]
+    assert [r.cached for r in results] == [False, True]
+    assert cache["dir"] == str(folder) and cache["max_bytes"] == 50 * 1024**2
+    assert (folder / "index.sqlite3").is_file()
+
+
+def test_generate_no_cache_runs_without_one(tmp_path, private_result_cache):
+    table = SAMPLES / "table.glb"
+    command = [sys.executable, "-m", "geomgen", "generate", str(table), "--out", str(tmp_path / "out"), "--json",
+               "--no-sdf", "--no-cache"]
+    for _ in range(2):
+        run = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.loads(run.stdout.strip().splitlines()[-1])["cached"] is False
+    assert not any(private_result_cache.iterdir())
+    refused = subprocess.run(command + ["--broker", "127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                             check=False)
+    assert refused.returncode == 2 and "--no-cache applies to the embedded stack" in refused.stderr

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
-import threading
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -150,8 +150,8 @@ def test_put_soon_refuses_beyond_its_queue(tmp_path):
 
 def test_keys_change_with_every_part_of_what_made_the_result():
     digest = cache.bytes_digest(b"image")
-    base = dict(backend="silhouette", model_identity="silhouette geomgen 1", options={"height_m": 1.0},
-                input_name="a.png", prompt=None, debug=False)
+    base = {"backend": "silhouette", "model_identity": "silhouette geomgen 1", "options": {"height_m": 1.0},
+            "input_name": "a.png", "prompt": None, "debug": False}
     key = cache.generate_key(digest, **base)
     assert key == cache.generate_key(digest, **{**base, "input_name": "b.PNG"})  # only the suffix counts
     for change in ({"backend": "mesh"}, {"model_identity": "silhouette geomgen 2"}, {"options": {"height_m": 2.0}},

@@ -32,15 +32,16 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import sqlite3
-import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import msgpack
 
@@ -180,7 +181,7 @@ def unpack_converted(payload: bytes) -> ConvertedEntry | None:
 def _unpack(payload: bytes) -> dict | None:
     try:
         data = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception:  # msgpack raises several unrelated types; a bad entry is a miss
+    except Exception:  # noqa: BLE001 - msgpack raises several unrelated types; a bad entry is a miss
         return None
     return data if isinstance(data, dict) else None
 
@@ -323,7 +324,7 @@ class ResultCache:
                 continue
             try:
                 payload = item[1]()
-            except Exception:  # noqa: BLE001 - a bad entry costs only its caching
+            except Exception:
                 log.exception("result cache: could not build entry %s; not stored", key[:16])
                 payload = None
             if payload is not None:

@@ -37,8 +37,8 @@ class CacheStage:
     # --- generate ----------------------------------------------------------------
 
     def _generate_key(self, job: JobRecord, model_identity: str) -> str | None:
-        """The GPU result's key, or None when it cannot be cached (no cache, no
-        identity, options not yet checked against a declaration)."""
+        """The GPU result's key, or None when it cannot be cached (no cache, or
+        no model identity). The input is hashed once per job."""
         if self.cache is None or not model_identity:
             return None
         if job.input_digest is None:
