@@ -8,9 +8,9 @@ slurm-wlm and munge first): munged, slurmctld and slurmd started by a
 fixture with a configuration of their own in a temporary folder, every
 connection on loopback; ``geomgen slurm submit`` runs a CPU backend in the
 GPU-worker jobs, a batch goes through ``geomgen generate`` with the settings of
-``client.env``, one
-GPU-worker job is cancelled with scancel mid-batch, and every item still
-completes; then ``status`` and ``stop``.
+``client.env``, one GPU-worker job is cancelled with scancel mid-batch, and
+every item still completes; the other requeues itself on the USR1 Slurm sends
+before a time limit and its worker comes back; then ``status`` and ``stop``.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge.sock
+# cred_expire: a requeued job may start again this long (+1 s) after it was stopped (default 120 s).
+AuthInfo=socket={root}/munge.sock,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -330,6 +331,15 @@ def test_submit_generate_scancel_a_worker_status_stop(cluster, tmp_path):
     survivor = next(j for j in record.gpu_workers if j != victim)
     assert any(line.split()[:3] == ["gpu-workers", survivor, "RUNNING"] for line in lines), shown.stdout
     assert f"broker at {address}:" in shown.stdout and "silhouette" in shown.stdout
+
+    # Near its time limit Slurm sends the batch shell USR1 (--signal=B:USR1@120): the job requeues itself,
+    # and its worker comes back under the same job id.
+    before = [w["pid"] for w in health()["workers"]]
+    cluster.run("scancel", "--signal=USR1", "--batch", survivor)
+    wait_for(lambda: (lambda ws: len(ws) == 1 and ws[0]["pid"] not in before and _job_of(ws[0]["pid"]) == survivor)(
+        health()["workers"]), timeout_s=300, interval_s=1, what=f"job {survivor} to requeue and its worker to return")
+    survivor_log = next((state / "logs").glob(f"*-{survivor}.log")).read_text()
+    assert f"time limit near: requeueing job {survivor}" in survivor_log, survivor_log[-3000:]
 
     stopped = _geomgen(cluster, "slurm", "stop", "--state-dir", str(state))
     assert stopped.returncode == 0, stopped.stderr
