@@ -105,6 +105,23 @@ def test_commands_say_what_to_do_without_slurm(tmp_path):
     assert not (tmp_path / "state" / "jobs.json").exists()
 
 
+def test_status_stop_and_address_say_what_is_missing(tmp_path):
+    def geomgen(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "geomgen", "slurm", *args, "--state-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)
+
+    for command in ("status", "stop"):
+        done = geomgen(command)
+        assert done.returncode == 2
+        assert done.stderr.strip() == (f"geomgen: error: {tmp_path}/jobs.json does not exist: nothing was submitted "
+                                       f"with --state-dir {tmp_path}")
+    done = geomgen("address", "--wait", "0")
+    assert done.returncode == 2 and "no broker address in" in done.stderr and "geomgen slurm status" in done.stderr
+    (tmp_path / "broker.address").write_text("tcp://node3:20000\n")
+    done = geomgen("address")
+    assert done.returncode == 0 and done.stdout == "tcp://node3:20000\n"
+
+
 # --- a live one-node cluster ------------------------------------------------------------------
 
 
