@@ -158,6 +158,8 @@ def test_a_bad_environment_value_names_the_variable():
     assert result.returncode == 0  # show reports what it reads...
     started = geomgen("broker", env={"GEOMGEN_BROKER_PORT": "five"})  # ...the command refuses it
     assert started.returncode == 2 and "GEOMGEN_BROKER_PORT" in started.stderr and "five" in started.stderr
+    flagged = geomgen("broker", "--port", "five")  # a flag's bad value names the flag alone
+    assert flagged.returncode == 2 and "'--port': 'five'" in flagged.stderr and "GEOMGEN" not in flagged.stderr
 
 
 def test_the_example_file_loads_and_sets_what_it_says(tmp_path):

@@ -121,3 +121,14 @@ def test_serve_keeps_its_log_folder_after_a_clean_stop(tmp_path):
         records = json_records(folder / name)  # serve passed its format on
         assert records and {r["role"] for r in records} <= {"broker", "gpu-worker", "sdf-worker"}, name
     assert any("broker stopped" == r["message"] for r in json_records(folder / "broker.log"))
+
+
+def test_a_worker_that_cannot_start_says_why_in_json(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "geomgen", "gpu-worker", "--backend", "no-such-backend",
+                             "--broker", f"127.0.0.1:{free_base_port()}", "--log-format", "json"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    path = tmp_path / "stderr"
+    path.write_text(result.stderr)
+    errors = [r for r in json_records(path) if r["level"] == "error"]
+    assert len(errors) == 1 and "unknown backend 'no-such-backend'" in errors[0]["message"], result.stderr

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Iterator, Optional, Union
@@ -95,7 +96,17 @@ def attach_envvars(root: click.Group) -> None:
         for key, param in options(command):
             if param.envvar is None:
                 param.envvar = env_name(path, key)
-                param.show_envvar = True
+                param.show_envvar = True  # in --help
+                param.get_error_hint = types.MethodType(_error_hint, param)  # type: ignore[method-assign]
+
+
+def _error_hint(param: click.Parameter, ctx: click.Context | None) -> str:
+    """click's "'--port'" in an error, naming the environment variable only when the
+    value came from it (click's show_envvar would name it for a flag's value too)."""
+    hint = click.Parameter.get_error_hint(param, ctx)
+    if ctx is not None and param.name and ctx.get_parameter_source(param.name) == ParameterSource.ENVIRONMENT:
+        hint += f" (env var: '{param.envvar}')"
+    return hint
 
 
 # --- the file --------------------------------------------------------------------------------

@@ -15,14 +15,13 @@ import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
 import uuid
 
 import zmq
 
-from geomgen import __version__, defaults, protocol
+from geomgen import __version__, defaults, logs, protocol
 from geomgen.backend_process import BackendFacts, BackendProcess, BackendStartFailed, Kind, RunningJob, startup_message
 from geomgen.contract import check_backend_options
 from geomgen.endpoints import Endpoints
@@ -394,13 +393,13 @@ def main(
                            generate_timeout_s=generate_timeout_s, heartbeat_interval_s=heartbeat_interval_s,
                            heartbeat_liveness=heartbeat_liveness, worker_id=worker_id, keys=keys)
     except InputError as exc:
-        print(f"geomgen gpu-worker: {exc.message}", file=sys.stderr)
+        logs.error_line(f"geomgen gpu-worker: {exc.message}")
         return 2
     try:
         try:
             facts = worker.load()
         except BackendStartFailed as exc:
-            print(exc.text, file=sys.stderr)
+            logs.error_line(exc.text)
             return exc.exit_code
         log.info("serving backend %s (loaded in %.2f s); a job may run %g s", backend, facts.load_s,
                  worker.generate_timeout_s)

@@ -105,6 +105,15 @@ def say(message: str) -> None:
         click.echo(message, err=True)
 
 
+def error_line(message: str) -> None:
+    """Why this process stops, on stderr: the message for a person, or an error
+    record when this process logs JSON."""
+    if json_active():
+        logging.getLogger("geomgen").error("%s", message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
 def default_log_dir(role: str) -> Path:
     """A new folder for a run's logs, kept after it: ``$XDG_STATE_HOME/geomgen/logs/ROLE-DATE-TIME-PID``
     (``~/.local/state`` without XDG_STATE_HOME)."""

@@ -13,7 +13,6 @@ import math
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import zmq
 
-from geomgen import contract, convert_child, defaults, protocol
+from geomgen import contract, convert_child, defaults, logs, protocol
 from geomgen.conversion import KILL_WAIT_S, Conversion, package_files
 from geomgen.endpoints import Endpoints
 from geomgen.geometry.formats import check_writable
@@ -356,7 +355,7 @@ def main(
         worker = SdfWorker(endpoints, procs=procs, heartbeat_interval_s=heartbeat_interval_s,
                            convert_timeout_s=convert_timeout_s, worker_id=worker_id, keys=keys)
     except GeomgenError as exc:
-        print(f"geomgen sdf-worker: {exc.message}", file=sys.stderr)
+        logs.error_line(f"geomgen sdf-worker: {exc.message}")
         return 2
     try:
         with stop_signals_ignored():
@@ -367,7 +366,7 @@ def main(
             log.info("SDF worker %s: %d slot(s), broker %s", worker.worker_id, procs, endpoints.sdf_job)
             worker.run(stop)
     except GeomgenError as exc:
-        print(f"geomgen sdf-worker: cannot start: {exc.message}", file=sys.stderr)
+        logs.error_line(f"geomgen sdf-worker: cannot start: {exc.message}")
         return 2
     finally:
         worker.close()
