@@ -347,6 +347,7 @@ def test_submit_generate_scancel_a_worker_status_stop(cluster, tmp_path):
     assert any(line.split()[:3] == ["broker", record.broker, "RUNNING"] for line in lines), shown.stdout
     survivor = next(j for j in record.gpu_workers if j != victim)
     assert any(line.split()[:3] == ["gpu-workers", survivor, "RUNNING"] for line in lines), shown.stdout
+    assert any(line.split()[:3] == ["gpu-workers", victim, "CANCELLED"] for line in lines), shown.stdout
     assert f"broker at {address}:" in shown.stdout and "silhouette" in shown.stdout
 
     # Near its time limit Slurm sends the batch shell USR1 (--signal=B:USR1@120): the job requeues itself,

@@ -50,6 +50,7 @@ ROLES = ("broker", "gpu-workers", "sdf-workers")
 # squeue states after which a job will not run again (a requeued job goes back to PENDING).
 ENDED = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
                    "PREEMPTED", "TIMEOUT"})
+GONE = "ENDED"  # the state of a job neither squeue nor sacct lists any more
 POLL_INTERVAL_S = 1.0  # how often submit, stop and the scripts look at squeue or the state dir
 COMMAND_TIMEOUT_S = 60.0  # one sbatch/squeue/scancel call, seconds
 BROKER_PROBE_TIMEOUT_S = 120.0  # run-broker: how long the broker may take to answer its first health query
@@ -244,7 +245,7 @@ class JobState:
     """One job as squeue (or sacct) sees it."""
 
     job_id: str
-    state: str  # RUNNING, PENDING, ... or GONE when neither squeue nor sacct knows it
+    state: str  # RUNNING, PENDING, ... or GONE: ended, and neither squeue nor sacct knows it any more
     elapsed: str = ""
     where: str = ""  # node list when running, the pending reason otherwise
     source: str = "squeue"
@@ -255,7 +256,8 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
     states: dict[str, JobState] = {}
     if not job_ids:
         return states
-    done = run_command(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%M|%R"], check=False)
+    # --states=all: also the jobs that ended within the last MinJobAge (300 s by default).
+    done = run_command(["squeue", "-h", "--states=all", "-j", ",".join(job_ids), "-o", "%i|%T|%M|%R"], check=False)
     for line in done.stdout.splitlines():
         parts = line.strip().split("|")
         if len(parts) == 4 and parts[0] in job_ids:
@@ -270,7 +272,7 @@ def job_states(job_ids: list[str]) -> dict[str, JobState]:
                 if len(parts) == 4 and parts[0] in rest:
                     states[parts[0]] = JobState(parts[0], parts[1].split()[0], parts[2], parts[3], "sacct")
     for job_id in job_ids:
-        states.setdefault(job_id, JobState(job_id, "GONE", source="-"))
+        states.setdefault(job_id, JobState(job_id, GONE, source="-"))
     return states
 
 
@@ -335,7 +337,7 @@ def submit(plan: SubmitPlan, say: Callable[[str], None]) -> str:
     state = plan.state
     if (state / JOBS_FILE).exists():
         previous = JobRecord.load(state)
-        alive = [s.job_id for s in job_states(previous.ids()).values() if s.state not in ENDED | {"GONE"}]
+        alive = [s.job_id for s in job_states(previous.ids()).values() if s.state not in ENDED | {GONE}]
         if alive:
             raise InputError(f"jobs {', '.join(alive)} of an earlier submit still run in {state}; stop them first "
                              f"(geomgen slurm stop --state-dir {state}) or use another --state-dir", code="busy_state")
@@ -402,7 +404,7 @@ def wait_for_broker(state: Path, job_id: str, timeout_s: float, say: Callable[[s
     last = ""
     while True:
         job = job_states([job_id])[job_id]
-        if job.state in ENDED or job.state == "GONE":
+        if job.state in ENDED or job.state == GONE:
             raise SlurmError(f"the broker job {job_id} ended ({job.state}) before it gave its address; see "
                              f"{log_path(state, job_id)}", code="no_broker")
         address = read_address(state)
@@ -433,7 +435,7 @@ def stop(state: Path, timeout_s: float, say: Callable[[str], None]) -> list[str]
     Returns the jobs still listed by squeue when ``timeout_s`` ran out (each wait), else [].
     """
     record = JobRecord.load(state)
-    live = {s.job_id for s in job_states(record.ids()).values() if s.state not in ENDED | {"GONE"}}
+    live = {s.job_id for s in job_states(record.ids()).values() if s.state not in ENDED | {GONE}}
     workers = [job_id for job_id in record.workers() if job_id in live]
     left = []
     if workers:
