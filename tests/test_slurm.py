@@ -9,8 +9,9 @@ fixture with a configuration of their own in a temporary folder, every
 connection on loopback; ``geomgen slurm submit`` runs a CPU backend in the
 GPU-worker jobs, a batch goes through ``geomgen generate`` with the settings of
 ``client.env``, one GPU-worker job is cancelled with scancel mid-batch, and
-every item still completes; the other requeues itself on the USR1 Slurm sends
-before a time limit and its worker comes back; then ``status`` and ``stop``.
+every item still completes; ``status``; the other requeues itself on the USR1
+Slurm sends before a time limit and its worker comes back; the broker job is
+requeued, the workers and client.env follow its new address; then ``stop``.
 """
 
 from __future__ import annotations
@@ -358,6 +359,24 @@ def test_submit_generate_scancel_a_worker_status_stop(cluster, tmp_path):
         health()["workers"]), timeout_s=300, interval_s=1, what=f"job {survivor} to requeue and its worker to return")
     survivor_log = next((state / "logs").glob(f"*-{survivor}.log")).read_text()
     assert f"time limit near: requeueing job {survivor}" in survivor_log, survivor_log[-3000:]
+
+    # The broker job requeued (a node failure, preemption): it comes back on new ports, rewrites its address
+    # and client.env, and the worker jobs restart their workers towards it; a new batch goes through.
+    broker_log = next((state / "logs").glob(f"*-{record.broker}.log"))
+    cluster.run("scontrol", "requeue", record.broker)
+    wait_for(lambda: broker_log.read_text().count("address written to") == 2, timeout_s=300, interval_s=1,
+             what=f"the requeued broker job to write its address again ({broker_log})")
+    address = slurm.read_address(state)
+    assert f"export GEOMGEN_BROKER={address}\n" in (state / "client.env").read_text()
+    wait_for(lambda: (lambda s: s["backends"].get("silhouette", {}).get("alive", 0) == 1
+                      and len(s["sdf_workers"]) == 1)(health()),
+             timeout_s=240, interval_s=1, what="the workers at the requeued broker")
+    more = _images(tmp_path / "more", 2)
+    again = subprocess.run(["bash", "-c", f"source {state / 'client.env'} && exec {sys.executable} -m geomgen generate "
+                            + " ".join(str(p) for p in more) + f" --out {out} --height 0.3 --collision hull --json"],
+                           env=cluster.env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [json.loads(line)["status"] for line in again.stdout.splitlines() if line.startswith("{")] == ["ok", "ok"]
 
     stopped = _geomgen(cluster, "slurm", "stop", "--state-dir", str(state))
     assert stopped.returncode == 0, stopped.stderr

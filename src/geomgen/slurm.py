@@ -146,6 +146,19 @@ def write_client_env(state: Path, address: str, keys: KeyPaths) -> Path:
     return path
 
 
+def update_client_env(state: Path, address: str) -> bool:
+    """Point an existing client.env at ``address`` (the broker job came back elsewhere); False if there is none."""
+    path = state / CLIENT_ENV_FILE
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return False
+    line = f"export GEOMGEN_BROKER={shlex.quote(address)}"
+    lines = [line if old.startswith("export GEOMGEN_BROKER=") else old for old in lines]
+    _write_atomically(path, "\n".join(lines) + "\n")
+    return True
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -493,6 +506,8 @@ def run_broker(state: Path, keys_dir: Path, bind: str, port: int, advertise: str
             _write_atomically(state / ADDRESS_FILE, address + "\n")
             written = True
             say(f"broker answering at {address}; address written to {state / ADDRESS_FILE}")
+            if update_client_env(state, address):  # a requeued broker job: clients follow it too
+                say(f"{state / CLIENT_ENV_FILE} points to {address}")
         code = child.wait()
     finally:
         for sig, handler in previous.items():
