@@ -26,7 +26,8 @@ DEFAULT_FORMAT = "text"
 TEXT_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
-_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName",
+                                                                   "color_message"}  # uvicorn's, with ANSI colours
 
 _current = {"level": DEFAULT_LEVEL, "format": DEFAULT_FORMAT, "role": None}
 
