@@ -193,3 +193,9 @@ def test_every_option_has_one_environment_variable_of_its_own():
     for name in ("GEOMGEN_KEY", "GEOMGEN_BROKER_KEY", "GEOMGEN_KEYS", "GEOMGEN_LOG_FORMAT", "GEOMGEN_BROKER_PORT",
                  "GEOMGEN_SERVE_PORT", "GEOMGEN_GATEWAY_PORT", "GEOMGEN_SDF_WORKER_PROCS"):
         assert name in owners, name
+
+
+def test_config_show_of_an_unknown_command_names_the_commands():
+    result = geomgen("config", "show", "brokr")
+    assert result.returncode == 2
+    assert "geomgen has no command 'brokr'; name a command of geomgen: broker," in result.stderr

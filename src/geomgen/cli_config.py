@@ -70,8 +70,9 @@ def _resolve(root: click.Group, words: list[str]) -> tuple[tuple[str, ...], clic
         command = command.commands[words.pop(0)]
     if isinstance(command, click.Group):
         names = ", ".join(sorted(command.commands))
-        where = " ".join(path) or "geomgen"
-        raise click.UsageError(f"name a command of {where}: {names}")
+        where = " ".join(("geomgen", *path))
+        unknown = f"{where} has no command {words[0]!r}; " if words else ""
+        raise click.UsageError(f"{unknown}name a command of {where}: {names}")
     return path, command, words
 
 
