@@ -28,7 +28,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 # name -> (shape, subfolder, options): masses and sizes all differ, so every sort has one right order.
 ASSETS = {
     "table": ("table", "", dict(material="wood", formats=["sdf", "mjcf"])),
-    "mug": ("mug", "kitchen", dict(mass_kg=0.35)),
+    "mug": ("mug", "kitchen", dict(mass_kg=0.35, collision="hull")),
     "stool": ("stool", "kitchen/more", dict(mass_kg=4.0, collision="hull")),
 }
 
