@@ -7,6 +7,7 @@ clean stop."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -14,8 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from geomgen import conversion, convert_child
 from geomgen.client import GeometryClient
+from geomgen.contract import ConvertOptions
 from tests.conftest import REPO, free_base_port, wait_for
+from tests.test_convert import box_glb
 
 SAMPLES = REPO / "src" / "geomgen" / "samples"
 FIELDS = {"time", "level", "logger", "role", "pid", "message"}
@@ -132,3 +136,15 @@ def test_a_worker_that_cannot_start_says_why_in_json(tmp_path):
     path.write_text(result.stderr)
     errors = [r for r in json_records(path) if r["level"] == "error"]
     assert len(errors) == 1 and "unknown backend 'no-such-backend'" in errors[0]["message"], result.stderr
+
+
+def test_a_conversion_started_again_logs_its_job_id(tmp_path, caplog):
+    """CoACD dies in native code (tests.plugins): the SDF worker's conversion starts
+    again with V-HACD, and that line carries the job's id."""
+    task = convert_child.glb_task(box_glb(), "b.glb", "coacd_crash", "tests.plugins:selectable_convert")
+    with caplog.at_level(logging.WARNING, logger="geomgen.conversion"):
+        outcome = conversion.drive(conversion.Conversion(tmp_path, task, ConvertOptions(), 120.0,
+                                                         label="job abc-1-def", job_id="abc-1-def"))
+    assert outcome["info"]["method"] == "vhacd"
+    again = [r for r in caplog.records if "starting again" in r.getMessage()]
+    assert len(again) == 1 and again[0].job_id == "abc-1-def"

@@ -103,8 +103,9 @@ class Conversion:
 
     def __init__(self, job_dir: Path, task: Task, options: ConvertOptions, timeout_s: float, *,
                  context: multiprocessing.context.BaseContext | None = None, label: str = "conversion",
-                 timeout_hint: str = "raise the conversion timeout"):
+                 timeout_hint: str = "raise the conversion timeout", job_id: str | None = None):
         self.job_dir = Path(job_dir)
+        self.log_extra = {"job_id": job_id} if job_id is not None else {}  # on its log lines (logs.py)
         self.task = task
         self.options = options
         self.timeout_s = timeout_s
@@ -148,7 +149,7 @@ class Conversion:
             said = self._log_tail() if exitcode is not None else ""
             reason = step.reason + (f": {said}" if said else "")
             log.warning("%s: %s; starting again at %s with %.1f s left", self.label, reason, step.rung,
-                        self.deadline_s - now_s)
+                        self.deadline_s - now_s, extra=self.log_extra)
             self._end_child()
             self.fallbacks.append(reason)
             self._start(step.rung)

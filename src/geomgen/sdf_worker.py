@@ -276,7 +276,7 @@ class SdfWorker:
         task = convert_child.glb_task(job.glb, f"{job.name}.glb", job.name, self.convert_fn)
         try:
             conversion = Conversion(job_dir, task, options, self.convert_timeout_s, context=self._mp,
-                                    label=f"job {job.job_id}", timeout_hint=TIMEOUT_HINT)
+                                    label=f"job {job.job_id}", timeout_hint=TIMEOUT_HINT, job_id=job.job_id)
         except GeomgenError as exc:  # fork/forkserver failures end this job only
             shutil.rmtree(job_dir, ignore_errors=True)
             self._reply(job, error=exc.to_dict())
