@@ -225,6 +225,9 @@ def test_text_mode_and_the_old_option_names(tmp_path, checkpoint, stand_in_allow
     assert output.info["mode"] == "text" and output.info["prompt"] == "the red square"
     with pytest.raises(InputError, match="text_prompt"):
         backend.generate(_job(tmp_path, mode="text"))
+    job = _job(tmp_path, mode="text")
+    job.prompt = "a red box"  # the request's prompt names the object when no text_prompt is given
+    assert backend.generate(job).info["prompt"] == "a red box"
     with pytest.raises(InputError, match="differ"):
         backend.generate(_job(tmp_path, mode="text", text_prompt="a", object_description="b"))
     with pytest.raises(InputError) as caught:
@@ -286,3 +289,29 @@ def test_a_stand_in_run_is_recorded_for_other_processes(tmp_path, checkpoint, st
     backend = _backend(checkpoint, tiny_sam3.stand_in_config(tmp_path / "weights", record_path=record))
     backend.generate(_job(tmp_path))
     assert json.loads(record.read_text().splitlines()[-1])["alpha_box_px"] == SQUARE_BOX_PX
+
+
+# --- segmenter=sam3 on the other image backends ------------------------------------------
+
+
+def test_silhouette_with_segmenter_sam3_cuts_the_object_out(tmp_path, checkpoint):
+    from geomgen.backends.silhouette import SilhouetteBackend
+
+    backend = SilhouetteBackend({"segmenter": "sam3", "sam3_checkpoint": str(checkpoint), "sam3_threshold": "0"})
+    backend.load()
+    output = backend.generate(_job(tmp_path, name="shelf.png", debug=True))
+    assert output.info["segmentation"] == "sam3:foreground" and output.info["sam3"]["prompt"] == "background"
+    assert set(output.debug_files) == {"shelf_mask.png", "shelf_masked.png"}
+    output = backend.generate(_job(tmp_path, text_prompt="the grey backdrop"))
+    assert output.info["segmentation"] == "sam3:text" and output.info["sam3"]["prompt"] == "the grey backdrop"
+
+
+def test_sam3_options_without_segmenter_sam3_are_refused_not_ignored(tmp_path):
+    from geomgen.backends.silhouette import SilhouetteBackend
+
+    with pytest.raises(InputError) as caught:
+        SilhouetteBackend({}).generate(_job(tmp_path, text_prompt="the chair"))
+    assert caught.value.code == "bad_option" and "segmenter=sam3" in caught.value.message
+    with pytest.raises(BackendUnavailable) as caught:
+        SilhouetteBackend({"segmenter": "sam3"}).load()
+    assert "sam3_checkpoint" in caught.value.message and "silhouette" in caught.value.message

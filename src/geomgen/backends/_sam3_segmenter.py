@@ -344,3 +344,17 @@ def cut_out(segmenter: Sam3Segmenter, image: "PIL.Image.Image", input_name: str,
     prompt = (text_prompt or "").strip() or None
     found = segmenter.segment(image, "text" if prompt else "foreground", prompt, threshold, input_name=input_name)
     return found.rgba(image), found.info(), (found.debug_files(image, input_name) if debug else {})
+
+
+def refuse_unused(backend: str, segmenter: str, *option_sets: dict[str, Any]) -> None:
+    """InputError ``bad_option`` when SAM 3's per-image options are given to a
+    backend whose segmenter is not SAM 3: they would be silently ignored."""
+    if segmenter == "sam3":
+        return
+    given = sorted({name for options in option_sets for name in options if name in ("text_prompt", "sam3_threshold")})
+    if given:
+        raise InputError(
+            f"{', '.join(given)} applies with segmenter=sam3, and this {backend} worker has segmenter={segmenter}; "
+            f"start a {backend} worker with --backend-option segmenter=sam3 --backend-option sam3_checkpoint=PATH",
+            code="bad_option",
+        )

@@ -243,6 +243,9 @@ class Hunyuan3DBackend(Backend):
         if self._pipeline is None:
             raise GenerateError("the hunyuan3d backend was not loaded; the worker must call load() first")
         settings = merge_request_options(self.settings, job.options)
+        from geomgen.backends._sam3_segmenter import refuse_unused
+
+        refuse_unused(self.name, settings.segmenter, self.options, job.options)
         paint = self._wants_texture(settings)
         seconds: dict[str, float] = {}
         started_s = time.monotonic()

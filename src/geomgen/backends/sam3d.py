@@ -201,6 +201,8 @@ class Sam3dBackend(Backend):
         settings = self.resolve_options(self.options, job.options)
         for name in ("sam3_checkpoint", "sam3d_checkpoint", "device"):
             settings[name] = self.settings[name]  # load options: the client and broker checked they match
+        if settings["mode"] == "text" and not (settings["text_prompt"] or settings["object_description"]):
+            settings["text_prompt"] = job.prompt  # the request's prompt names the object
         prompt = _prompt(settings)
         if settings["gaussians"] and not job.debug:
             raise InputError("gaussians=on writes {stem}_gaussians.ply to the debug folder; give the request a "
@@ -293,8 +295,8 @@ def _prompt(settings: dict[str, Any], required: bool = True) -> str | None:
                          code="bad_option")
     prompt = (text or old or "").strip() or None
     if required and settings.get("mode") == "text" and prompt is None:
-        raise InputError("mode text needs text_prompt (or object_description) naming the object, "
-                         "e.g. sam3d.text_prompt='the red chair'", code="bad_option")
+        raise InputError("mode text needs text_prompt (or object_description, or the request's prompt) naming "
+                         "the object, e.g. sam3d.text_prompt='the red chair'", code="bad_option")
     return prompt
 
 

@@ -291,6 +291,9 @@ class SilhouetteBackend(Backend):
 
         opts = self.resolve_options(self.options, job.options)
         segmenter_options = {spec.name: opts.pop(spec.name) for spec in SEGMENTER_OPTIONS}
+        from geomgen.backends._sam3_segmenter import refuse_unused
+
+        refuse_unused(self.name, segmenter_options["segmenter"], self.options, job.options)
         started = time.perf_counter()
         image = decode_image(job.input_data, job.input_name)
         job.progress("image decoded")
