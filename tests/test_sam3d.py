@@ -315,3 +315,14 @@ def test_sam3_options_without_segmenter_sam3_are_refused_not_ignored(tmp_path):
     with pytest.raises(BackendUnavailable) as caught:
         SilhouetteBackend({"segmenter": "sam3"}).load()
     assert "sam3_checkpoint" in caught.value.message and "silhouette" in caught.value.message
+
+
+def test_start_up_without_cuda(tmp_path, checkpoint, stand_in_allowed, monkeypatch):
+    with pytest.raises(BackendUnavailable, match=r"device=cuda but torch sees 0 CUDA device\(s\)"):
+        _backend(checkpoint, tiny_sam3.stand_in_config(tmp_path / "weights"), device="cuda")
+    # SAM 3D Objects installed (as far as the module check can tell) but no GPU: CUDA is named.
+    real = tiny_sam3.stand_in_config(
+        tmp_path / "hf", target="sam3d_objects.pipeline.inference_pipeline_pointmap.InferencePipelinePointMap")
+    monkeypatch.setattr(_sam3d_pipeline, "missing_modules", lambda config: [])
+    with pytest.raises(BackendUnavailable, match="SAM 3D Objects runs on CUDA only.*32 GB"):
+        _backend(checkpoint, real, device="auto")
