@@ -208,7 +208,8 @@ def serve(settings: GatewaySettings, host: str = "127.0.0.1", port: int = HTTP_P
     else:
         log.info("items may read and write under: %s", items.Roots(settings.allow_roots))
     config = uvicorn.Config(None, host=host, port=port, log_level="info", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5, loop="asyncio")
+                            timeout_graceful_shutdown=5, loop="asyncio",
+                            log_config=None)  # uvicorn's lines go through geomgen's handler (text or json)
     server = uvicorn.Server(config)
 
     def shutdown() -> None:
