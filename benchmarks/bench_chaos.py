@@ -221,7 +221,7 @@ class Fleet:
         self.counts["broker"] += 1
         self.broker = self._start(f"broker-{self.counts['broker']}", "broker",
                                   [sys.executable, "-m", "geomgen", "broker", "--host", "127.0.0.1",
-                                   "--port", str(self.port), *self.broker_args, "-v"])
+                                   "--port", str(self.port), "--no-cache", *self.broker_args, "-v"])
         return self.broker
 
     def start_worker(self, kind: str) -> Proc:

@@ -154,7 +154,7 @@ def main() -> None:
     image.write_bytes(box_glb())
     port, http_port = free_base_port(), free_base_port(count=1)
     broker, url = f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
-    children = [start(["broker", "--host", "127.0.0.1", "--port", str(port)], work / "broker.log")]
+    children = [start(["broker", "--host", "127.0.0.1", "--port", str(port), "--no-cache"], work / "broker.log")]
     try:
         children += [start(["gpu-worker", "--backend", "instant", "--broker", broker], work / f"worker{n}.log")
                      for n in range(args.workers)]

@@ -99,7 +99,7 @@ def through_stack(root: Path, jobs: int, work: Path) -> dict:
     geomgen = [sys.executable, "-m", "geomgen"]
     logs = open(work / "stack.log", "wb")
     quiet = {"env": env, "stdout": logs, "stderr": subprocess.STDOUT}
-    procs = [subprocess.Popen([*geomgen, "broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port)], **quiet),
+    procs = [subprocess.Popen([*geomgen, "broker", "--host", "127.0.0.1", "--port", str(endpoints.client_port), "--no-cache"], **quiet),
              subprocess.Popen([*geomgen, "sdf-worker", "--procs", "1", "--broker", broker], **quiet)]
     image = work / "object.png"
     image.write_bytes(object_png(alpha=True, size_px=256))

@@ -50,7 +50,7 @@ def run(jobs: int, t_s: float, collision: str, tmp: Path) -> dict:
     broker = f"127.0.0.1:{endpoints.client_port}"
     geomgen = [sys.executable, "-m", "geomgen"]
     quiet = {"env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    procs = [subprocess.Popen([*geomgen, "broker", "--port", str(endpoints.client_port)], **quiet)]
+    procs = [subprocess.Popen([*geomgen, "broker", "--port", str(endpoints.client_port), "--no-cache"], **quiet)]
     for _ in range(2):
         procs.append(subprocess.Popen([*geomgen, "gpu-worker", "--backend", "timed", "--broker", broker,
                                        "--backend-option", f"delay_s={t_s}"], **quiet))
