@@ -30,6 +30,7 @@ import numpy as np
 
 from geomgen.errors import BackendUnavailable, InputError
 from geomgen.optionspec import OptionSpec
+from geomgen.backends._model_errors import first_line as _first_line
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -305,10 +306,6 @@ def _png(image: "PIL.Image.Image") -> bytes:
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:300] if lines else type(exc).__name__
 
 
 # --- the segmenter=sam3 option of the other image backends ---------------------------

@@ -36,6 +36,7 @@ from geomgen.backends import _sam3d_pipeline as reconstruction
 from geomgen.backends.base import Backend, GenerationInput, GenerationOutput
 from geomgen.errors import BackendUnavailable, GenerateError, GeomgenError, InputError
 from geomgen.optionspec import OptionSpec
+from geomgen.backends._model_errors import first_line as _first_line, is_out_of_memory as _is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -335,14 +336,3 @@ def _gaussians_ply(output: Any, work_dir: Path) -> bytes:
         return path.read_bytes()
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t)
-    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
