@@ -154,8 +154,10 @@ COLLISION_METHODS = ("coacd", "vhacd", "hull")
 
 # geomgen's CoACD defaults, chosen for speed at unchanged fidelity on the reference
 # meshes (see BENCHMARKS.md): a shallower, shorter tree search and a coarser
-# concavity sampling than CoACD's own defaults, and a fixed seed so a mesh always
-# gives the same pieces. Ranges refuse values that make CoACD search forever.
+# concavity sampling than CoACD's own defaults, a fixed seed so a mesh always
+# gives the same pieces, and the solid cut into parts of 1,000 faces decomposed
+# in parallel, their pieces merged by added volume instead of CoACD's merge.
+# Ranges refuse values that make CoACD search forever.
 COACD_PARAMS: tuple[OptionSpec, ...] = (
     OptionSpec("threshold", "number", 0.03, 1e-4, 1.0, help="concavity allowed per piece, fraction of the diagonal"),
     OptionSpec("max_convex_hull", "integer", -1, -1, 100_000, help="cap on pieces (-1: no cap)"),
@@ -163,7 +165,8 @@ COACD_PARAMS: tuple[OptionSpec, ...] = (
     OptionSpec("mcts_nodes", "integer", 10, 1, 1000, help="children explored per tree-search node"),
     OptionSpec("mcts_iterations", "integer", 60, 1, 100_000, help="tree-search iterations per cut"),
     OptionSpec("mcts_max_depth", "integer", 2, 1, 100, help="cuts looked ahead"),
-    OptionSpec("merge", "switch", True, help="merge neighbouring pieces whose union stays within threshold"),
+    OptionSpec("merge", "switch", False,
+               help="CoACD's own merge of the pieces within each part (slow; geomgen merges across parts)"),
     OptionSpec("decimate", "switch", False, help="cap each hull at max_ch_vertex vertices"),
     OptionSpec("max_ch_vertex", "integer", 128, 4, 100_000, help="vertices per hull when decimate is on"),
     # Remesh to a manifold first. For a closed solid geomgen passes "off" unless told
@@ -171,6 +174,11 @@ COACD_PARAMS: tuple[OptionSpec, ...] = (
     OptionSpec("preprocess_mode", "choice", "auto", choices=("auto", "on", "off")),
     OptionSpec("preprocess_resolution", "integer", 50, 10, 1000, help="voxel grid of that remeshing"),
     OptionSpec("seed", "integer", 0, 0, 2**31 - 1, help="random seed of the tree search"),
+    # geomgen's own, not CoACD's (geometry/coacd_parts.py, geometry/hull_merge.py):
+    OptionSpec("part_faces", "integer", 1000, 0, 10_000_000,
+               help="cut the solid into parts of at most this many faces, decomposed in parallel (0: whole)"),
+    OptionSpec("merge_volume", "number", 0.002, 0.0, 1.0,
+               help="merge neighbouring pieces while the volume added stays within this fraction of the solid's"),
 )
 VHACD_PARAMS: tuple[OptionSpec, ...] = (
     OptionSpec("max_convex_hulls", "integer", 32, 1, 4096, help="cap on pieces"),

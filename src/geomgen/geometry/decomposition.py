@@ -229,12 +229,22 @@ def _hull_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
 
 
 def _coacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
-    """CoACD's pieces of the solid (N, 3), (M, 3)."""
-    import coacd
+    """CoACD's pieces of the solid (N, 3), (M, 3): the solid cut into parts of
+    at most ``part_faces`` faces, decomposed in parallel (coacd_parts), then
+    neighbouring pieces merged within ``merge_volume`` (hull_merge). A cap on
+    the pieces (``max_convex_hull``) is CoACD's to keep, on the whole solid."""
+    from geomgen.geometry import coacd_parts, hull_merge
 
-    coacd.set_log_level("error")
-    parts = coacd.run_coacd(coacd.Mesh(vertices, faces.astype(np.int32)), **params)
-    return [(np.asarray(v, dtype=float), np.asarray(f, dtype=np.int64)) for v, f in parts]
+    coacd_params = dict(params)
+    part_faces = int(coacd_params.pop("part_faces", 0))
+    merge_volume = float(coacd_params.pop("merge_volume", 0.0))
+    if coacd_params.get("max_convex_hull", -1) > 0:
+        part_faces, merge_volume = 0, 0.0
+    parts = coacd_parts.split_solid(vertices, faces, part_faces)
+    pieces = coacd_parts.decompose_parts(parts, coacd_params, coacd_parts.decomposition_processes())
+    if merge_volume > 0:
+        pieces = hull_merge.merge_hulls(pieces, hull_merge.solid_volume(vertices, faces), merge_volume)
+    return [(piece, np.empty((0, 3), dtype=np.int64)) for piece in pieces]
 
 
 def _vhacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
