@@ -160,7 +160,7 @@ COLLISION_METHODS = ("coacd", "vhacd", "hull")
 # Ranges refuse values that make CoACD search forever.
 COACD_PARAMS: tuple[OptionSpec, ...] = (
     OptionSpec("threshold", "number", 0.03, 1e-4, 1.0, help="concavity allowed per piece, fraction of the diagonal"),
-    OptionSpec("max_convex_hull", "integer", -1, -1, 100_000, help="cap on pieces (-1: no cap)"),
+    OptionSpec("max_convex_hull", "integer", -1, -1, 100_000, help="cap on pieces (-1: no cap); CoACD then merges, on the whole solid"),
     OptionSpec("resolution", "integer", 1000, 10, 1_000_000, help="surface samples for the concavity metric"),
     OptionSpec("mcts_nodes", "integer", 10, 1, 1000, help="children explored per tree-search node"),
     OptionSpec("mcts_iterations", "integer", 60, 1, 100_000, help="tree-search iterations per cut"),

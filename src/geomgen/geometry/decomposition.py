@@ -207,6 +207,8 @@ def clean_pieces(raw: list) -> list[tuple[np.ndarray, np.ndarray]]:
         with np.errstate(divide="ignore", invalid="ignore"):
             try:
                 hull = trimesh.convex.convex_hull(points)
+                if not hull.is_watertight:  # many coplanar points can leave qhull's triangles open
+                    hull = trimesh.convex.convex_hull(points, qhull_options="QJ Pp")
             except Exception:  # qhull refuses flat or collinear point sets
                 continue
             volume = float(hull.volume)
@@ -232,14 +234,15 @@ def _coacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list
     """CoACD's pieces of the solid (N, 3), (M, 3): the solid cut into parts of
     at most ``part_faces`` faces, decomposed in parallel (coacd_parts), then
     neighbouring pieces merged within ``merge_volume`` (hull_merge). A cap on
-    the pieces (``max_convex_hull``) is CoACD's to keep, on the whole solid."""
+    the pieces (``max_convex_hull``) is CoACD's to keep: the whole solid, with
+    CoACD's merge."""
     from geomgen.geometry import coacd_parts, hull_merge
 
     coacd_params = dict(params)
     part_faces = int(coacd_params.pop("part_faces", 0))
     merge_volume = float(coacd_params.pop("merge_volume", 0.0))
-    if coacd_params.get("max_convex_hull", -1) > 0:
-        part_faces, merge_volume = 0, 0.0
+    if coacd_params.get("max_convex_hull", -1) > 0:  # only CoACD's merge keeps the cap
+        part_faces, merge_volume, coacd_params["merge"] = 0, 0.0, True
     parts = coacd_parts.split_solid(vertices, faces, part_faces)
     pieces = coacd_parts.decompose_parts(parts, coacd_params, coacd_parts.decomposition_processes())
     if merge_volume > 0:
