@@ -173,3 +173,20 @@ def test_pieces_far_apart_are_never_bridged():
 
 def test_the_solid_volume_of_a_closed_mesh(mug):
     assert hull_merge.solid_volume(mug.vertices, mug.faces) == pytest.approx(mug.volume, rel=1e-9)
+
+
+def test_workers_started_ahead_are_taken_by_the_decomposition_or_stopped(mug):
+    parts = coacd_parts.split_solid(mug.vertices, mug.faces, 400)
+
+    with coacd_parts.workers_ahead(2):
+        ahead = list(coacd_parts._ahead.get())
+        assert len(ahead) == 2 and all(worker.poll() is None for worker in ahead)
+        coacd_parts.decompose_parts(parts, coacd_only_params(), processes=2)
+        assert coacd_parts._ahead.get() == []  # both taken, used, and stopped by the decomposition
+    assert all(worker.returncode == 0 for worker in ahead)
+
+    with coacd_parts.workers_ahead(2):
+        unused = list(coacd_parts._ahead.get())
+    assert all(worker.returncode == 0 for worker in unused)  # stopped, not left behind
+    with coacd_parts.workers_ahead(1):
+        assert coacd_parts._ahead.get() == []  # one process decomposes in this one

@@ -30,11 +30,14 @@ The pieces of neighbouring parts are joined afterwards by
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import selectors
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import msgpack
@@ -161,15 +164,47 @@ def run_coacd(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list[np.
 
 # --- worker processes ---------------------------------------------------------------
 
+# Workers started ahead of the decomposition (see workers_ahead), not yet taken.
+_ahead: contextvars.ContextVar[list[subprocess.Popen] | None] = contextvars.ContextVar("geomgen_coacd_workers",
+                                                                                        default=None)
+
+
+@contextlib.contextmanager
+def workers_ahead(count: int) -> Iterator[None]:
+    """Start ``count`` worker processes now for a decomposition later in the
+    block: a worker takes about 0.2 s to import numpy and CoACD, which then
+    overlaps the loading and repair of the mesh. A decomposition in the block
+    takes them; those it leaves are stopped when the block ends. ``count`` <= 1:
+    nothing is started."""
+    workers = [_spawn() for _ in range(count)] if count > 1 else []
+    token = _ahead.set(workers)
+    try:
+        yield
+    finally:
+        _ahead.reset(token)
+        for worker in workers:
+            _stop(worker)
+
+
+def _spawn() -> subprocess.Popen:
+    """One worker process, with one OpenMP thread. It shares this process's group
+    (a conversion killed at its deadline takes it along) and dies with it."""
+    return subprocess.Popen([sys.executable, "-m", _WORKER_MODULE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _take(count: int) -> list[subprocess.Popen]:
+    """``count`` workers: those started ahead first, then new ones."""
+    ahead = _ahead.get() or []
+    taken = [ahead.pop() for _ in range(min(count, len(ahead)))]
+    return taken + [_spawn() for _ in range(count - len(taken))]
+
 
 def _run_in_workers(jobs: list[tuple[np.ndarray, np.ndarray, dict]], count: int) -> list[list[np.ndarray]]:
     """Each job's pieces, jobs handed out largest first to ``count`` worker
-    processes as each becomes free. The workers share this process's group (a
-    conversion killed at its deadline takes them along) and die with it."""
+    processes as each becomes free."""
     order = sorted(range(len(jobs)), key=lambda index: -len(jobs[index][1]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, "-m", _WORKER_MODULE], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env) for _ in range(count)]
+    workers = _take(count)
     results: list[list[np.ndarray] | None] = [None] * len(jobs)
     busy: dict[subprocess.Popen, int] = {}
     selector = selectors.DefaultSelector()
@@ -227,6 +262,8 @@ def _exit_text(worker: subprocess.Popen) -> str:
 def _stop(worker: subprocess.Popen) -> None:
     """Close the worker's input (it ends at its next read) and reap it; kill
     it if it is still busy (an error elsewhere ended the decomposition)."""
+    if worker.stdin.closed:
+        return
     try:
         worker.stdin.close()
     except OSError:

@@ -24,7 +24,8 @@ import geomgen
 from geomgen.errors import ConvertError, GeomgenError, InputError
 from geomgen.files import replace_dir
 from geomgen.geometry import materials
-from geomgen.geometry.decomposition import decompose
+from geomgen.geometry.coacd_parts import workers_ahead
+from geomgen.geometry.decomposition import decompose, processes_ahead
 from geomgen.geometry.formats import write_formats
 from geomgen.geometry.frames import apply_transform, gltf_to_drake, input_transform
 from geomgen.geometry.inertia import check_not_flat, mass_properties
@@ -155,7 +156,9 @@ def _convert(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
-        report = _build(data, input_name, staging, name, options, sources, start)
+        # CoACD's worker processes start now and import while the mesh loads.
+        with workers_ahead(processes_ahead(options.collision, options.collision_params)):
+            report = _build(data, input_name, staging, name, options, sources, start)
         final = out_dir / name
         replace_dir(staging, final)
     except GeomgenError:

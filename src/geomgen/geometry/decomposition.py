@@ -185,6 +185,21 @@ def decompose(
     )
 
 
+def processes_ahead(method: str, params: dict | None) -> int:
+    """How many decomposition worker processes to start ahead of a conversion
+    with these options (coacd_parts.workers_ahead): none unless CoACD will cut
+    the solid into parts in parallel."""
+    resume = _resume.get()
+    if method != "coacd" or resume.start not in (None, "coacd"):
+        return 0
+    chosen = collision_params(method, params, resolve=True)
+    if chosen["part_faces"] <= 0 or chosen["max_convex_hull"] > 0:
+        return 0
+    from geomgen.geometry.coacd_parts import decomposition_processes
+
+    return decomposition_processes()
+
+
 def _closed(faces: np.ndarray) -> bool:
     """Every edge of the triangles (M, 3) bounds exactly two of them."""
     faces = np.asarray(faces, dtype=np.int64)
