@@ -135,6 +135,15 @@ def test_convert_json(tmp_path):
     assert rows[0]["collision_pieces"] == 1 and rows[1]["error"] and "notes.obj" in rows[1]["input"]
 
 
+def test_convert_writes_a_preview_unless_told_not_to(tmp_path):
+    with_preview = geomgen("convert", str(SAMPLES / "table.glb"), "--out", str(tmp_path / "a"), "--collision", "hull")
+    without = geomgen("convert", str(SAMPLES / "table.glb"), "--out", str(tmp_path / "b"), "--collision", "hull",
+                      "--no-preview")
+    assert with_preview.returncode == 0 and without.returncode == 0, without.stderr
+    assert (tmp_path / "a" / "table" / "preview.png").is_file()
+    assert (tmp_path / "b" / "table" / "table.sdf").is_file() and not (tmp_path / "b" / "table" / "preview.png").exists()
+
+
 def test_convert_into_a_relative_folder(tmp_path):
     """--out relative to the working folder: the package is named after the input and lands there."""
     done = subprocess.run([sys.executable, "-m", "geomgen", "convert", str(SAMPLES / "table.glb"), "--out", "assets",

@@ -162,6 +162,8 @@ def convert_options(fn):
                      help="Target bounding box in metres, Drake frame (+Z up); scaled uniformly to fit."),
         click.option("--scale", type=float, help="Uniform scale factor (when --dimensions is not given)."),
         click.option("--hydroelastic", is_flag=True, help="Also write compliant-hydroelastic contact properties."),
+        click.option("--no-preview", is_flag=True,
+                     help="Do not render preview.png (visual beside collision; about 0.4 s an asset)."),
         click.option("--format", "formats", multiple=True, type=click.Choice(["sdf", "mjcf", "urdf", "usd"]),
                      help="Simulator format to write beside the SDF (repeatable): mjcf (MuJoCo), urdf, usd "
                           "(Isaac; needs the usd extra). The SDF is always written."),
@@ -182,6 +184,8 @@ def convert_fields(params: dict[str, Any]) -> dict[str, Any]:
     fields["collision_params"] = {k: _number_or_text(v) for k, v in params["collision_params"].items()}
     fields["hydroelastic"] = bool(params.get("hydroelastic"))
     fields["formats"] = ["sdf", *params.get("formats", ())]
+    if params.get("no_preview"):
+        fields["preview"] = False
     try:
         contract.convert_options(fields)
     except InputError as exc:

@@ -209,9 +209,11 @@ def generate(inputs, out_dir, backend, broker, scene_id, prompt, backend_options
     endpoints = parse_broker(broker) if broker else None
     if no_cache and endpoints is not None:
         raise click.UsageError("--no-cache applies to the embedded stack; with --broker, --fresh skips its cache")
+    # ConvertOptions fields that GeometryRequest has no field of its own for travel in convert_options.
+    extra = {name: fields.pop(name) for name in ("preview",) if name in fields}
     requests = [GeometryRequest(image_path=path, output_dir=out_dir, backend=backend, scene_id=scene_id,
                                 prompt=prompt, backend_options=backend_options, want_sdf=not no_sdf, fresh=fresh,
-                                **fields)
+                                convert_options=dict(extra), **fields)
                 for path in inputs]
     backends = [] if endpoints else choose_backends(list(inputs), backend)
 
