@@ -140,7 +140,8 @@ def test_a_hit_is_answered_without_any_worker(stack, tmp_path):
         assert cache["enabled"] and cache["generate_hits"] == 1 and cache["convert_hits"] == 1
         assert cache["generate_misses"] == 1 and cache["convert_misses"] == 1
         assert cache["entries"] == 2 and cache["bytes"] > len(source.read_bytes())
-        assert cache["hits"] == 2 and cache["misses"] == 2
+        # The store's own count of misses has one more: the GPU lookup is made again at dispatch.
+        assert cache["hits"] == 2 and cache["misses"] == 3
     # geomgen health shows it too
     shown = subprocess.run([sys.executable, "-m", "geomgen", "health", "--broker", stack.address],
                            capture_output=True, text=True, timeout=60, check=False)
@@ -277,6 +278,46 @@ def test_a_request_queued_before_any_worker_is_looked_up_at_dispatch(stack, tmp_
 
         result = events()
         assert result is not None and result.ok and result.cached, result and result.error
+        assert client.health()["backends"]["instant"]["completed"] == 0
+
+
+def test_a_request_behind_an_identical_one_is_answered_by_its_result(stack, tmp_path):
+    """A batch sent twice (a retry behind the original): with one worker the
+    copy waits in the queue, and when its turn comes the original's result,
+    just stored, answers it; the worker runs the input once."""
+    stack.start_broker()
+    stack.gpu_worker("instant", "delay_s=1")
+    source = mesh_file(tmp_path, "ball.glb")
+    with stack.client() as client:
+        stack.wait_ready(client, sdf=False)
+        original, retry = (request_for(tmp_path, source, out, want_sdf=False) for out in ("original", "retry"))
+        results = dict(client.generate([original, retry]))
+        assert results[0].ok and results[1].ok, (results[0].error, results[1].error)
+        assert results[0].info["cache"] == {"generate": "miss"} and not results[0].cached
+        assert results[1].info["cache"] == {"generate": "hit"} and results[1].cached
+        assert results[1].glb_path.read_bytes() == results[0].glb_path.read_bytes()
+        assert client.health()["backends"]["instant"]["completed"] == 1
+        cache = settled(client)
+        assert cache["generate_hits"] == 1 and cache["generate_misses"] == 2  # each job counted once
+
+
+def test_a_result_whose_client_left_is_still_cached(stack, tmp_path):
+    """A client that gives up while its job runs: the worker's GLB, which cost
+    GPU time, goes into the cache all the same, so asking again costs none."""
+    stack.start_broker()
+    stack.gpu_worker("instant", "delay_s=1.5")
+    source = mesh_file(tmp_path, "ball.glb")
+    with stack.client() as client:
+        stack.wait_ready(client, sdf=False)
+        for event in client.generate_events([request_for(tmp_path, source, "gave_up", want_sdf=False)]):
+            if event.kind == "generating":
+                break  # leaving the loop cancels the request
+        wait_for(lambda: client.health()["stale_results"] >= 1 or None, timeout_s=30,
+                 what="the cancelled job's result reaching the broker")
+        assert client.health()["backends"]["instant"]["completed"] == 0  # not counted: its job was gone
+        settled(client)
+        again = one(client, request_for(tmp_path, source, "again", want_sdf=False))
+        assert again.ok and again.cached and again.info["cache"] == {"generate": "hit"}
         assert client.health()["backends"]["instant"]["completed"] == 0
 
 

@@ -46,8 +46,9 @@ def test_a_killed_clients_queued_jobs_are_dropped(procs, endpoints, tmp_path):
     mesh.write_bytes(box_glb())
     script = textwrap.dedent(f"""
         from geomgen import GeometryClient, GeometryRequest
+        # fresh: 20 runs of one input, not one run and 19 answers from the result cache
         requests = [GeometryRequest(image_path={str(mesh)!r}, output_dir={str(tmp_path / 'out')!r},
-                                    output_filename=f"box_{{i}}", backend="slow", want_sdf=False)
+                                    output_filename=f"box_{{i}}", backend="slow", want_sdf=False, fresh=True)
                     for i in range(20)]
         queued, generating = 0, False
         with GeometryClient({endpoints.client!r}, timeout_s=60) as client:

@@ -62,21 +62,27 @@ class CacheStage:
 
     def _answer_at_dispatch(self, job: JobRecord, worker: GpuWorkerRecord, now: float) -> bool:
         """Before ``worker`` gets the job: True when the GLB came from the cache
-        under that worker's identity (the worker is released, never sees it)."""
+        (the worker is released, never sees it). Looked up under that worker's
+        identity; and again under the key that missed at acceptance, since an
+        identical request ahead of this one (a retried batch behind the
+        original) may have finished in the meantime."""
         if self.cache is None:
             return False
         key = self._generate_key(job, worker.info.get("model_identity", ""))
         looked_up = key is not None and key == job.generate_key
         job.generate_key = key
-        if key is None or looked_up:
+        if key is None or (looked_up and job.request.fresh):
             return False
         job.waiting_in = None  # popped from its queue by the dispatch that got here
-        if self._use_cached_glb(job, key, now):
+        if self._use_cached_glb(job, key, now, count_miss=not looked_up):
             self.workers.release(worker)
             return True
         return False
 
-    def _use_cached_glb(self, job: JobRecord, key: str, now: float) -> bool:
+    def _use_cached_glb(self, job: JobRecord, key: str, now: float, count_miss: bool = True) -> bool:
+        """Answer ``job``'s GPU stage from the cache entry under ``key``, if
+        there is one (and the request is not ``fresh``). A miss is counted once
+        per job: ``count_miss`` False for a second look."""
         if job.request.fresh:
             self.cache_counts["fresh"] += 1
             return False
@@ -85,7 +91,8 @@ class CacheStage:
         if entry is None:
             if payload is not None:
                 log.warning("cache entry %s is not a GPU result; computing it", key[:16])
-            self.cache_counts["generate_misses"] += 1
+            if count_miss:
+                self.cache_counts["generate_misses"] += 1
             return False
         self.cache_counts["generate_hits"] += 1
         self.waits.cancel(job.job_id)
@@ -104,11 +111,18 @@ class CacheStage:
 
     def _store_generated(self, job: JobRecord, res: JobResult, glb: bytes) -> None:
         """A worker's GLB (a success) into the cache under the key set at dispatch."""
-        if self.cache is None or job.generate_key is None or job.from_cache_generate:
+        if job.from_cache_generate:
+            return
+        self._store_generated_as(job.generate_key, res, glb)
+
+    def _store_generated_as(self, key: str | None, res: JobResult, glb: bytes) -> None:
+        """A worker's GLB (a success) into the cache under ``key`` (None: not cacheable).
+        Also for a job that is gone (cancelled, its client lost): the GPU time is spent."""
+        if self.cache is None or key is None:
             return
         entry = cache_codec.GeneratedEntry(glb, dict(res.info), dict(res.debug_files))
         size = len(glb) + sum(len(v) for v in entry.debug_files.values() if isinstance(v, (bytes, bytearray)))
-        self.cache.put_soon(job.generate_key, size, lambda: cache_codec.pack_generated(entry))
+        self.cache.put_soon(key, size, lambda: cache_codec.pack_generated(entry))
 
     # --- convert ---------------------------------------------------------------------
 

@@ -338,7 +338,10 @@ def render_health(stats: dict) -> str:
     ]
     cache = stats.get("cache") if isinstance(stats.get("cache"), dict) else {}
     if cache.get("enabled"):
-        lines.append(f"result cache: {cache.get('hits', 0)} hits, {cache.get('misses', 0)} misses; "
+        # By stage, one lookup per job and stage (the store's own counts include second looks).
+        hits = cache.get("generate_hits", 0) + cache.get("convert_hits", 0)
+        misses = cache.get("generate_misses", 0) + cache.get("convert_misses", 0)
+        lines.append(f"result cache: {hits} hits, {misses} misses; "
                      f"{cache.get('entries', 0)} entries, {cache.get('bytes', 0) / 1e6:.1f} of "
                      f"{cache.get('max_bytes', 0) / 1e6:.0f} MB in {cache.get('dir', '?')}")
     elif cache:

@@ -293,6 +293,7 @@ class Dispatcher(GpuWorkers, SdfStage, Guards, CacheStage):
             job.dispatched_at = now
             self.stats.queue_wait.add(now - job.accepted_at)
         self.workers.assign(worker, job.job_id, job.attempt, now)
+        worker.generate_key = job.generate_key
         req = job.request
         deadline_s = self._attempt_deadline_s(job, worker, now)
         message = Job(job.job_id, job.attempt, req.backend, req.input_name, req.input_data, req.prompt,

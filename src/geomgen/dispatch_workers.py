@@ -121,6 +121,7 @@ class GpuWorkers:
         """The job ``old`` ran continues on ``new``, the same worker on a new connection."""
         self.workers.assign(new, old.job_id, old.attempt, now)
         new.job_sent_at, new.completed, new.failed = old.job_sent_at, old.completed, old.failed
+        new.generate_key = old.generate_key
         job = self.jobs.get(old.job_id)
         if job is not None and job.state is JobState.GENERATING and job.attempt == old.attempt:
             job.worker = new.identity
@@ -149,6 +150,8 @@ class GpuWorkers:
             self.stats.stale_results += 1
             log.info("discarded result of job %s attempt %d: cancelled or superseded", res.job_id, res.attempt,
                      extra={"job_id": res.job_id, "attempt": res.attempt})
+            if res.ok and res.glb:  # the GPU time is spent: a retry of the same request finds it in the cache
+                self._store_generated_as(worker.generate_key, res, bytes(res.glb))
         elif res.ok and res.glb:
             worker.completed += 1
             counters.completed += 1

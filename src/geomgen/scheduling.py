@@ -190,6 +190,7 @@ class GpuWorkerRecord:
     job_id: str | None = None  # the job the broker gave it
     attempt: int = 0
     job_sent_at: float = 0.0
+    generate_key: str | None = None  # the result cache's key of the job it runs (its result is cached even if the job is gone)
     heartbeat_due: float = 0.0  # when the broker next owes it a message (any message counts)
     blocked: bool = False  # said "busy" with a job we did not give it; waits for an idle heartbeat
     completed: int = 0
