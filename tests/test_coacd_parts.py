@@ -171,8 +171,22 @@ def test_pieces_far_apart_are_never_bridged():
     assert len(merged) == 2
 
 
-def test_the_solid_volume_of_a_closed_mesh(mug):
-    assert hull_merge.solid_volume(mug.vertices, mug.faces) == pytest.approx(mug.volume, rel=1e-9)
+def test_the_merge_budget_is_measured_on_the_solids_volume(mug):
+    # _coacd_pieces takes the solid's volume from inertia.unit_mass_properties.
+    from geomgen.geometry.inertia import unit_mass_properties
+
+    assert abs(unit_mass_properties(mug.vertices, mug.faces)[0]) == pytest.approx(mug.volume, rel=1e-9)
+
+
+def test_the_plan_keeps_a_cap_on_pieces_for_coacds_merge():
+    params = collision_params("coacd", {}, resolve=True)
+    coacd_params, part_faces, merge_volume = decomposition.coacd_plan(params)
+    assert (part_faces, merge_volume) == (1000, 0.002) and "part_faces" not in coacd_params
+    assert not coacd_params["merge"]
+    capped = decomposition.coacd_plan({**params, "max_convex_hull": 6})
+    assert capped[1:] == (0, 0.0) and capped[0]["merge"]
+    assert decomposition.processes_ahead("coacd", {"max_convex_hull": 6}) == 0
+    assert decomposition.processes_ahead("hull", {}) == 0
 
 
 def test_workers_started_ahead_are_taken_by_the_decomposition_or_stopped(mug):

@@ -192,8 +192,8 @@ def processes_ahead(method: str, params: dict | None) -> int:
     resume = _resume.get()
     if method != "coacd" or resume.start not in (None, "coacd"):
         return 0
-    chosen = collision_params(method, params, resolve=True)
-    if chosen["part_faces"] <= 0 or chosen["max_convex_hull"] > 0:
+    _, part_faces, _ = coacd_plan(collision_params(method, params, resolve=True))
+    if part_faces <= 0:
         return 0
     from geomgen.geometry.coacd_parts import decomposition_processes
 
@@ -245,23 +245,33 @@ def _hull_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
     return [(hull.vertices, hull.faces)]
 
 
-def _coacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
-    """CoACD's pieces of the solid (N, 3), (M, 3): the solid cut into parts of
-    at most ``part_faces`` faces, decomposed in parallel (coacd_parts), then
-    neighbouring pieces merged within ``merge_volume`` (hull_merge). A cap on
-    the pieces (``max_convex_hull``) is CoACD's to keep: the whole solid, with
-    CoACD's merge."""
-    from geomgen.geometry import coacd_parts, hull_merge
-
+def coacd_plan(params: dict) -> tuple[dict, int, float]:
+    """CoACD's own parameters, the part budget (``part_faces``, 0: the whole
+    solid) and the merge budget (``merge_volume``, 0: none) of the resolved
+    coacd ``params``. A cap on the pieces (``max_convex_hull``) is CoACD's to
+    keep: the whole solid, with CoACD's merge."""
     coacd_params = dict(params)
     part_faces = int(coacd_params.pop("part_faces", 0))
     merge_volume = float(coacd_params.pop("merge_volume", 0.0))
     if coacd_params.get("max_convex_hull", -1) > 0:  # only CoACD's merge keeps the cap
         part_faces, merge_volume, coacd_params["merge"] = 0, 0.0, True
+    return coacd_params, part_faces, merge_volume
+
+
+def _coacd_pieces(vertices: np.ndarray, faces: np.ndarray, params: dict) -> list:
+    """CoACD's pieces of the solid (N, 3), (M, 3), as :func:`coacd_plan` says:
+    the solid cut into parts of at most ``part_faces`` faces, decomposed in
+    parallel (coacd_parts), then neighbouring pieces merged within
+    ``merge_volume`` (hull_merge)."""
+    from geomgen.geometry import coacd_parts, hull_merge
+    from geomgen.geometry.inertia import unit_mass_properties
+
+    coacd_params, part_faces, merge_volume = coacd_plan(params)
     parts = coacd_parts.split_solid(vertices, faces, part_faces)
     pieces = coacd_parts.decompose_parts(parts, coacd_params, coacd_parts.decomposition_processes())
     if merge_volume > 0:
-        pieces = hull_merge.merge_hulls(pieces, hull_merge.solid_volume(vertices, faces), merge_volume)
+        volume_m3 = abs(unit_mass_properties(vertices, faces)[0])
+        pieces = hull_merge.merge_hulls(pieces, volume_m3, merge_volume)
     return [(piece, np.empty((0, 3), dtype=np.int64)) for piece in pieces]
 
 

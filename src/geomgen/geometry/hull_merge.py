@@ -34,12 +34,6 @@ def _hull(points: np.ndarray) -> tuple[np.ndarray, float] | None:
     return points[hull.vertices], float(hull.volume)
 
 
-def solid_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
-    """Volume (m^3) enclosed by the closed triangle mesh (N, 3), (M, 3)."""
-    triangles = np.asarray(vertices, dtype=float)[np.asarray(faces, dtype=np.int64)]
-    return abs(float(np.einsum("ij,ij->i", triangles[:, 0], np.cross(triangles[:, 1], triangles[:, 2])).sum()) / 6.0)
-
-
 def merge_hulls(pieces: list[np.ndarray], volume_m3: float, budget: float) -> list[np.ndarray]:
     """``pieces`` (vertex arrays (K, 3) of convex hulls) with neighbours
     merged, cheapest first, while the total volume added stays within
